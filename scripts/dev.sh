@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates (or reuses) .venv, installs rlvr into it,
+# then runs what was asked.
+#
+#   bash scripts/dev.sh train [train.py flags]   # default: --env gsm8k on the offline default model
+#   bash scripts/dev.sh test  [pytest flags]     # the whole suite, slow learning tests included
+#   bash scripts/dev.sh setup                    # only the environment
+#
+# Idempotent: the install step re-runs only when pyproject.toml changed (a stamp file in
+# .venv records its hash). torch==2.13.0 is installed before anything that depends on it,
+# so a CPU machine never pulls the multi-GB CUDA build an unpinned `torch` would bring.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="${RLVR_VENV:-$root/.venv}"
+py="${PYTHON:-python3}"
+
+setup() {
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "[rlvr] creating $venv" >&2
+    "$py" -m venv "$venv"
+  fi
+  local stamp="$venv/.rlvr-installed" want
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    echo "[rlvr] installing dependencies into $venv" >&2
+    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+      "$venv/bin/python" -m pip install -q "torch==2.13.0" >&2
+    fi
+    "$venv/bin/python" -m pip install -q -e ".[dev]" >&2
+    echo "$want" >"$stamp"
+  fi
+  # DeepSpeed compiles a C++ op on first use; keep it out of the repo and reuse it.
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/rlvr/torch_extensions}"
+  export PATH="$venv/bin:$PATH"
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  train)
+    setup
+    if [ $# -eq 0 ]; then set -- --env gsm8k; fi
+    exec "$venv/bin/python" scripts/train.py "$@" ;;
+  verify)
+    setup
+    exec "$venv/bin/python" scripts/verify.py "$@" ;;
+  test)
+    setup
+    exec "$venv/bin/python" -m pytest "$@" ;;
+  *)
+    echo "usage: bash scripts/dev.sh {train|test|verify|setup} [args...]" >&2
+    exit 2 ;;
+esac
