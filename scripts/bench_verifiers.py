@@ -1,0 +1,115 @@
+"""Verdicts per second for each verifier, measured side by side in one run.
+
+    python scripts/bench_verifiers.py [--scale 1.0] [--workers N]
+
+Targets on a 2-core machine: gsm8k and format >= 20,000/s, math >= 500/s, code >= 30
+trivial programs/s with full isolation. Inputs are synthetic and mixed (right, wrong and
+unparseable answers) so no verifier is timed only on its fast path. Prints a table and
+exits 1 when a target is missed, so the script can gate a release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+
+from rlvr.verifiers.registry import DEFAULT_TIMEOUTS, get_verifier
+
+TARGETS = {"gsm8k": 20_000, "format": 20_000, "math": 500, "code": 30}
+
+
+def gsm8k_items(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    comps, refs = [], []
+    for _ in range(n):
+        a = rng.randint(0, 10**6)
+        shape = rng.randrange(3)
+        if shape == 0:
+            comps.append(f"She sells {rng.randint(1, 99)} eggs a day, so she makes ${a:,} in total.\n#### {a}")
+        elif shape == 1:
+            comps.append(f"First 3 + 4 = 7, then 7 * {a} = {7 * a}. The answer is {7 * a + 1}.")
+        else:
+            comps.append("I am not sure how to solve this problem.")
+        refs.append(str(a if shape == 0 else 7 * a))
+    return comps, refs
+
+
+def format_items(n: int, rng: random.Random) -> tuple[list[str], list[None]]:
+    shapes = [
+        "<think>\nLet me add {a} and {b}.\nThat is {c}.\n</think>\n<answer>{c}</answer>",
+        "<answer>{c}</answer><think>late thoughts</think>",
+        "The answer is {c}.",
+        "<think>a</think><think>b</think><answer>{c}</answer>",
+    ]
+    comps = []
+    for _ in range(n):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        comps.append(rng.choice(shapes).format(a=a, b=b, c=a + b))
+    return comps, [None] * n
+
+
+def math_items(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    pool = [
+        ("So the answer is $\\boxed{\\frac{1}{2}}$.", "0.5"),
+        ("Thus $x = \\boxed{\\dfrac{3}{4}}$.", "\\frac{3}{4}"),
+        ("We get $\\boxed{2\\sqrt{3}}$.", "\\sqrt{12}"),
+        ("The roots are $\\boxed{(1, 2)}$.", "(1,2)"),
+        ("The interval is $\\boxed{[0, 1)}$.", "[0,1)"),
+        ("Simplifying, $\\boxed{x^2 + 2x + 1}$.", "(x+1)^2"),
+        ("Hence $\\boxed{7}$.", "8"),
+        ("I could not finish.", "3"),
+    ]
+    comps, refs = [], []
+    for i in range(n):
+        c, r = rng.choice(pool)
+        # A distinct suffix per item defeats any cache keyed on the exact text.
+        comps.append(f"Step {i}: we compute carefully. {c}")
+        refs.append(r)
+    return comps, refs
+
+
+def code_items(n: int, rng: random.Random) -> tuple[list[str], list[list[str]]]:
+    comps, tests = [], []
+    for i in range(n):
+        k = rng.randint(1, 9)
+        comps.append(f"```python\ndef add_{i}(x):\n    return x + {k}\n```")
+        tests.append([f"assert add_{i}(1) == {1 + k}", f"assert add_{i}(-1) == {k - 1}"])
+    return comps, tests
+
+
+def bench(name: str, make: Callable, n: int, workers: int | None) -> tuple[int, float]:
+    comps, refs = make(n, random.Random(0))
+    spec = get_verifier(name)
+    spec.batch(comps[:8], refs[:8], DEFAULT_TIMEOUTS[name], workers)  # warm pools and imports
+    start = time.perf_counter()
+    verdicts = spec.batch(comps, refs, DEFAULT_TIMEOUTS[name], workers)
+    seconds = time.perf_counter() - start
+    assert len(verdicts) == n
+    return n, seconds
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="verifier throughput, side by side")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the item counts")
+    p.add_argument("--workers", type=int, default=None, help="worker processes/threads (default: per verifier)")
+    args = p.parse_args()
+    plan = [("gsm8k", gsm8k_items, 40_000), ("format", format_items, 40_000),
+            ("math", math_items, 4_000), ("code", code_items, 300)]
+    print(f"cpu cores: {os.cpu_count()}, workers: {args.workers or 'default'}")
+    print(f"{'verifier':<10}{'items':>8}{'seconds':>10}{'per second':>14}{'target':>10}  ok")
+    ok_all = True
+    for name, make, n in plan:
+        n = max(8, int(n * args.scale))
+        count, seconds = bench(name, make, n, args.workers)
+        rate = count / seconds
+        ok = rate >= TARGETS[name]
+        ok_all &= ok
+        print(f"{name:<10}{count:>8}{seconds:>10.2f}{rate:>14.1f}{TARGETS[name]:>10}  {'yes' if ok else 'NO'}")
+    return 0 if ok_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
