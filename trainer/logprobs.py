@@ -1,0 +1,163 @@
+"""Teacher-forced per-token log-probabilities (and entropies) of a causal LM.
+
+``sequence_logprobs(model, input_ids, attention_mask)[b, t]`` is
+``log softmax(logits[b, t] / temperature)[input_ids[b, t + 1]]``: the log-probability of
+token t+1 given tokens <= t. The learner computes pi_theta, pi_prox and pi_ref with it,
+and the generators must return the same numbers for the tokens they sample (a test
+checks that they agree to 1e-4 in fp32), otherwise importance ratios are wrong from
+step one.
+
+Two things trainers get silently wrong, and what this module does about them:
+
+* **Left padding and positions.** Batches are left-padded (prompts of different lengths
+  end at the same column so generation can append). Given only an attention mask, a
+  transformers forward numbers positions 0..T-1 by column, so a row with 3 pads starts
+  its real tokens at position 3. With RoPE that is equal in exact arithmetic (only
+  relative positions matter) but not bit-for-bit, and with absolute position
+  embeddings it is simply wrong. We pass ``position_ids = cumsum(mask) - 1`` so every
+  row starts at position 0, exactly as the generator numbers them.
+* **Memory.** The logits of a batch are ``[B, T, V]``; with a 150k vocabulary that is
+  the largest tensor in training. We run the model body once to get hidden states and
+  apply the LM head chunk by chunk over valid positions only, keeping just the gathered
+  log-probability (and entropy). With autograd on, each chunk runs under activation
+  checkpointing, so the backward pass recomputes a chunk's logits instead of keeping
+  every chunk's ``[chunk, V]`` softmax alive.
+
+Entropy is of the same tempered distribution: ``H = logsumexp(z) - sum softmax(z) * z``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_TOKENS = 1024
+"""Positions per LM-head chunk: ``[chunk, V]`` float32 logits live at once (4 MiB at V=1k)."""
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token outputs of one teacher-forced pass; position t scores token t+1."""
+
+    logprobs: torch.Tensor
+    """log pi(x[t+1] | x[<=t]) under the tempered distribution: [B, T-1], 0 where padded."""
+    entropy: torch.Tensor
+    """Entropy of the tempered next-token distribution at t: [B, T-1], 0 where padded."""
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token: [B, T] -> [B, T].
+
+    Pads get position 0 (any value works: they are masked out as keys and their
+    outputs are ignored).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Teacher-forced log pi(x[t+1] | x[<=t]) for every t: [B, T] -> [B, T-1] float32.
+
+    Differentiable with respect to the model's parameters when autograd is on.
+    Positions whose target token is padding are 0.
+    """
+    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, False).logprobs
+
+
+def sequence_logprobs_and_entropy(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> TokenLogprobs:
+    """Like :func:`sequence_logprobs`, plus the entropy of each next-token distribution."""
+    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, True)
+
+
+def _score(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int,
+    with_entropy: bool,
+) -> TokenLogprobs:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, T], got "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        )
+    model = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    hidden = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # [B, T, H]
+    batch, length = input_ids.shape
+    targets = input_ids[:, 1:]  # [B, T-1]
+    # Score only positions whose target is a real token; pads would waste LM-head work.
+    valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # [B, T-1]
+    flat_hidden = hidden[:, :-1][valid]  # [N, H]
+    flat_targets = targets[valid]  # [N]
+    head = _LogitHead(model, temperature, with_entropy)
+    pieces_lp, pieces_ent = [], []
+    use_checkpoint = torch.is_grad_enabled() and flat_hidden.requires_grad
+    for start in range(0, flat_hidden.shape[0], chunk_tokens):
+        h = flat_hidden[start : start + chunk_tokens]
+        y = flat_targets[start : start + chunk_tokens]
+        if use_checkpoint:
+            lp, ent = checkpoint(head, h, y, use_reentrant=False)
+        else:
+            lp, ent = head(h, y)
+        pieces_lp.append(lp)
+        pieces_ent.append(ent)
+    logprobs = hidden.new_zeros((batch, length - 1), dtype=torch.float32)
+    entropy = hidden.new_zeros((batch, length - 1), dtype=torch.float32)
+    if pieces_lp:
+        # masked_scatter fills True positions in row-major order, the order [valid] read them.
+        logprobs = logprobs.masked_scatter(valid, torch.cat(pieces_lp))
+        entropy = entropy.masked_scatter(valid, torch.cat(pieces_ent))
+    return TokenLogprobs(logprobs=logprobs, entropy=entropy)
+
+
+class _LogitHead:
+    """Hidden states of one chunk -> (logprob of target, entropy), both [N] float32.
+
+    Applies the model's own LM head (a module call, so DeepSpeed ZeRO-3 hooks gather its
+    weight) and the logit post-processing some architectures add on top of it.
+    """
+
+    def __init__(self, model: torch.nn.Module, temperature: float, with_entropy: bool):
+        self.lm_head = model.get_output_embeddings()
+        config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides by it
+        self.temperature = temperature
+        self.with_entropy = with_entropy
+
+    def __call__(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.lm_head(h).float()  # [N, V]; float32 so logsumexp is exact enough
+        if self.logits_scaling:
+            z = z / self.logits_scaling
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        z = z / self.temperature
+        lse = z.logsumexp(-1)  # [N]
+        lp = z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse  # [N]
+        if not self.with_entropy:
+            return lp, torch.zeros_like(lp)
+        ent = lse - (z.softmax(-1) * z).sum(-1)  # [N]
+        return lp, ent
