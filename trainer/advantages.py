@@ -1,0 +1,119 @@
+"""Group-relative advantages: the baseline of GRPO, with no value network.
+
+For one prompt and its group of G episodes with returns R_1..R_G (an episode's return is
+the undiscounted sum of its per-turn rewards):
+
+    A_i = (R_i - mean_j R_j) / (s + eps)
+
+The scale ``s`` is picked once at setup from ``SCALES``:
+
+- ``"group"``: the standard deviation of the group's returns (GRPO, Shao et al. 2024);
+- ``"batch"``: the standard deviation of all returns in the batch, with the mean still
+  taken per group ("group mean, batch std", Liu et al. 2025 "Tricks or Traps");
+- ``"none"``: ``s = 1``, no division (Dr. GRPO, Liu et al. 2025, which argues the
+  per-group std up-weights groups that are almost all right or almost all wrong).
+
+Multi-turn episodes: the tokens of turn t get the advantage of their *reward-to-go*
+``G_{i,t} = sum_{k >= t} r_{i,k}`` against the same group baseline,
+``A_{i,t} = (G_{i,t} - mean_j R_j) / (s + eps)``, so a turn is not credited with rewards
+that came before it. When an environment rewards only the final step (every single-turn
+environment, and most multi-turn ones) ``G_{i,t} = R_i`` for every turn and this is
+exactly the GRPO advantage above.
+
+Departure from the paper: the standard deviation is the population one
+(``unbiased=False``), so a group of two with rewards {0, 1} gets advantages of +-1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+ScaleFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps returns ``[num_groups, group_size]`` to the divisor ``s``, broadcastable to them."""
+
+
+def group_std(returns: torch.Tensor) -> torch.Tensor:
+    """``s`` = std of each group's returns: ``[num_groups, 1]``."""
+    return returns.std(dim=1, unbiased=False, keepdim=True)
+
+
+def batch_std(returns: torch.Tensor) -> torch.Tensor:
+    """``s`` = std of every return in the batch: ``[]``."""
+    return returns.std(unbiased=False)
+
+
+def unit_scale(returns: torch.Tensor) -> torch.Tensor:
+    """``s`` = 1: centre only (Dr. GRPO)."""
+    return torch.ones((), dtype=returns.dtype)
+
+
+SCALES: dict[str, ScaleFn] = {"group": group_std, "batch": batch_std, "none": unit_scale}
+"""Reward scaling by name; ``TrainConfig.scale`` picks one of these once."""
+
+
+def group_advantages(returns: torch.Tensor, scale: ScaleFn, eps: float = 1e-4) -> torch.Tensor:
+    """Return ``A = (R - mean_group(R)) / (scale(R) + eps)`` for returns ``[num_groups, group_size]``.
+
+    The advantages have the same shape. A group whose returns are all equal gets zero
+    advantages (and so contributes no policy gradient) under every scale.
+    """
+    if returns.dim() != 2:
+        raise ValueError(f"returns must be [num_groups, group_size], got shape {tuple(returns.shape)}")
+    baseline = returns.mean(dim=1, keepdim=True)  # [num_groups, 1]
+    return (returns - baseline) / (scale(returns) + eps)
+
+
+def turn_advantages(
+    turn_rewards: Sequence[Sequence[Sequence[float]]], scale: ScaleFn, eps: float = 1e-4
+) -> list[list[list[float]]]:
+    """Per-turn advantages from per-turn rewards, indexed ``[group][episode][turn]``.
+
+    ``A_{i,t} = (G_{i,t} - mean_j R_j) / (s + eps)`` with ``G_{i,t}`` the reward-to-go of
+    episode i from turn t and ``R_j = G_{j,0}`` the episode returns; ``s`` comes from the
+    episode returns. Groups must all have the same size; episodes may have any number of
+    turns (at least one).
+    """
+    returns = episode_returns(turn_rewards)  # [num_groups, group_size]
+    baseline = returns.mean(dim=1)  # [num_groups]
+    divisor = (scale(returns) + eps).expand_as(returns)  # [num_groups, group_size]
+    out: list[list[list[float]]] = []
+    for g, group in enumerate(turn_rewards):
+        out.append([])
+        for i, rewards in enumerate(group):
+            to_go = reward_to_go(rewards)
+            out[-1].append([(x - baseline[g].item()) / divisor[g, i].item() for x in to_go])
+    return out
+
+
+def reward_to_go(rewards: Sequence[float]) -> list[float]:
+    """``G_t = sum_{k >= t} r_k``: ``[1, 2, 3] -> [6, 5, 3]``."""
+    out, acc = [], 0.0
+    for r in reversed(rewards):
+        acc += float(r)
+        out.append(acc)
+    return out[::-1]
+
+
+def episode_returns(turn_rewards: Sequence[Sequence[Sequence[float]]]) -> torch.Tensor:
+    """Sum of each episode's turn rewards: ``[num_groups, group_size]`` float64."""
+    sizes = {len(group) for group in turn_rewards}
+    if len(sizes) != 1:
+        raise ValueError(f"every group must have the same size, got sizes {sorted(sizes)}")
+    if any(len(rewards) == 0 for group in turn_rewards for rewards in group):
+        raise ValueError("every episode needs at least one turn reward")
+    return torch.tensor(
+        [[sum(float(r) for r in rewards) for rewards in group] for group in turn_rewards],
+        dtype=torch.float64,
+    )
+
+
+def zero_spread_fraction(returns: torch.Tensor, atol: float = 1e-8) -> float:
+    """Fraction of groups (rows of ``[num_groups, group_size]``) whose returns are all equal.
+
+    Such groups have zero advantage everywhere and teach nothing; a fraction near 1 means
+    the task is too easy or too hard for the current policy.
+    """
+    spread = returns.max(dim=1).values - returns.min(dim=1).values  # [num_groups]
+    return float((spread <= atol).float().mean())
