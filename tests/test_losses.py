@@ -94,8 +94,13 @@ def test_grpo_loss_by_hand_with_kl():
     loss_fn = make_loss_fn(beta=0.5, aggregation="token")
     logp = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
     out = loss_fn(
-        _inputs(logp, [[0.0, 0.0]], [[1.0, 1.0]], [[1.0, 1.0]],
-                ref_logprobs=torch.tensor([[math.log(2.0), 0.0]], dtype=torch.float64))
+        _inputs(
+            logp,
+            [[0.0, 0.0]],
+            [[1.0, 1.0]],
+            [[1.0, 1.0]],
+            ref_logprobs=torch.tensor([[math.log(2.0), 0.0]], dtype=torch.float64),
+        )
     )
     kl = (1 - math.log(2.0)) / 2
     assert out.policy_loss.item() == pytest.approx(-1.0)
@@ -156,10 +161,14 @@ def test_micro_batches_add_up_to_the_full_batch(aggregation):
     def run(rows):
         return loss_fn(
             LossInputs(
-                logprobs=logp[rows], old_logprobs=torch.tensor(old)[rows],
-                behavior_logprobs=torch.tensor(old)[rows], advantages=torch.tensor(adv)[rows],
-                loss_mask=mask[rows], ref_logprobs=ref[rows],
-                num_sequences=6, num_tokens=int(mask.sum()),
+                logprobs=logp[rows],
+                old_logprobs=torch.tensor(old)[rows],
+                behavior_logprobs=torch.tensor(old)[rows],
+                advantages=torch.tensor(adv)[rows],
+                loss_mask=mask[rows],
+                ref_logprobs=ref[rows],
+                num_sequences=6,
+                num_tokens=int(mask.sum()),
             )
         ).loss
 
@@ -173,8 +182,11 @@ def test_behavior_kl_reports_sampler_learner_mismatch():
     same = make_loss_fn()(_inputs(logp, [[0.0, 0.0]], [[1.0, 1.0]], [[1.0, 1.0]]))
     assert same.behavior_kl.item() == 0.0
     differ = LossInputs(
-        logprobs=logp, old_logprobs=logp, behavior_logprobs=torch.full((1, 2), math.log(2.0), dtype=torch.float64),
-        advantages=torch.ones(1, 2, dtype=torch.float64), loss_mask=torch.ones(1, 2, dtype=torch.float64),
+        logprobs=logp,
+        old_logprobs=logp,
+        behavior_logprobs=torch.full((1, 2), math.log(2.0), dtype=torch.float64),
+        advantages=torch.ones(1, 2, dtype=torch.float64),
+        loss_mask=torch.ones(1, 2, dtype=torch.float64),
     )
     assert make_loss_fn()(differ).behavior_kl.item() == pytest.approx(1 - math.log(2.0))
 

@@ -5,7 +5,8 @@ the undiscounted sum of its per-turn rewards):
 
     A_i = (R_i - mean_j R_j) / (s + eps)
 
-The scale ``s`` is picked once at setup from ``SCALES``:
+The scale ``s`` is picked once at setup from ``SCALES`` (``eps = 1e-4`` guards the std
+against zero; with ``"none"`` the divisor is exactly 1):
 
 - ``"group"``: the standard deviation of the group's returns (GRPO, Shao et al. 2024);
 - ``"batch"``: the standard deviation of all returns in the batch, with the mean still
@@ -30,22 +31,22 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-ScaleFn = Callable[[torch.Tensor], torch.Tensor]
-"""Maps returns ``[num_groups, group_size]`` to the divisor ``s``, broadcastable to them."""
+ScaleFn = Callable[[torch.Tensor, float], torch.Tensor]
+"""Maps returns ``[num_groups, group_size]`` and ``eps`` to the divisor, broadcastable to them."""
 
 
-def group_std(returns: torch.Tensor) -> torch.Tensor:
-    """``s`` = std of each group's returns: ``[num_groups, 1]``."""
-    return returns.std(dim=1, unbiased=False, keepdim=True)
+def group_std(returns: torch.Tensor, eps: float) -> torch.Tensor:
+    """Divide by ``std(group) + eps``: ``[num_groups, 1]``."""
+    return returns.std(dim=1, unbiased=False, keepdim=True) + eps
 
 
-def batch_std(returns: torch.Tensor) -> torch.Tensor:
-    """``s`` = std of every return in the batch: ``[]``."""
-    return returns.std(unbiased=False)
+def batch_std(returns: torch.Tensor, eps: float) -> torch.Tensor:
+    """Divide by ``std(batch) + eps``: ``[]``."""
+    return returns.std(unbiased=False) + eps
 
 
-def unit_scale(returns: torch.Tensor) -> torch.Tensor:
-    """``s`` = 1: centre only (Dr. GRPO)."""
+def unit_scale(returns: torch.Tensor, eps: float) -> torch.Tensor:
+    """Divide by 1 (no eps needed): centre only (Dr. GRPO)."""
     return torch.ones((), dtype=returns.dtype)
 
 
@@ -54,7 +55,7 @@ SCALES: dict[str, ScaleFn] = {"group": group_std, "batch": batch_std, "none": un
 
 
 def group_advantages(returns: torch.Tensor, scale: ScaleFn, eps: float = 1e-4) -> torch.Tensor:
-    """Return ``A = (R - mean_group(R)) / (scale(R) + eps)`` for returns ``[num_groups, group_size]``.
+    """Return ``A = (R - mean_group(R)) / scale(R, eps)`` for returns ``[num_groups, group_size]``.
 
     The advantages have the same shape. A group whose returns are all equal gets zero
     advantages (and so contributes no policy gradient) under every scale.
@@ -62,7 +63,7 @@ def group_advantages(returns: torch.Tensor, scale: ScaleFn, eps: float = 1e-4) -
     if returns.dim() != 2:
         raise ValueError(f"returns must be [num_groups, group_size], got shape {tuple(returns.shape)}")
     baseline = returns.mean(dim=1, keepdim=True)  # [num_groups, 1]
-    return (returns - baseline) / (scale(returns) + eps)
+    return (returns - baseline) / scale(returns, eps)
 
 
 def turn_advantages(
@@ -71,13 +72,13 @@ def turn_advantages(
     """Per-turn advantages from per-turn rewards, indexed ``[group][episode][turn]``.
 
     ``A_{i,t} = (G_{i,t} - mean_j R_j) / (s + eps)`` with ``G_{i,t}`` the reward-to-go of
-    episode i from turn t and ``R_j = G_{j,0}`` the episode returns; ``s`` comes from the
-    episode returns. Groups must all have the same size; episodes may have any number of
+    episode i from turn t and ``R_j = G_{j,0}`` the episode returns; the divisor comes from
+    the episode returns. Groups must all have the same size; episodes may have any number of
     turns (at least one).
     """
     returns = episode_returns(turn_rewards)  # [num_groups, group_size]
     baseline = returns.mean(dim=1)  # [num_groups]
-    divisor = (scale(returns) + eps).expand_as(returns)  # [num_groups, group_size]
+    divisor = scale(returns, eps).expand_as(returns)  # [num_groups, group_size]
     out: list[list[list[float]]] = []
     for g, group in enumerate(turn_rewards):
         out.append([])

@@ -158,16 +158,12 @@ def aggregate_sequence_mean(
     return per_sequence.sum() / max(num_sequences, 1)
 
 
-def aggregate_token_mean(
-    values: Tensor, mask: Tensor, num_sequences: int, num_tokens: int, constant: float
-) -> Tensor:
+def aggregate_token_mean(values: Tensor, mask: Tensor, num_sequences: int, num_tokens: int, constant: float) -> Tensor:
     """``sum_{i,t} m x / sum_{i,t} m`` over the whole batch (DAPO)."""
     return (values * mask).sum() / max(num_tokens, 1)
 
 
-def aggregate_constant(
-    values: Tensor, mask: Tensor, num_sequences: int, num_tokens: int, constant: float
-) -> Tensor:
+def aggregate_constant(values: Tensor, mask: Tensor, num_sequences: int, num_tokens: int, constant: float) -> Tensor:
     """``sum_{i,t} m x / (B * L)`` with the constant ``L`` (Dr. GRPO)."""
     return (values * mask).sum() / (max(num_sequences, 1) * constant)
 
@@ -196,9 +192,7 @@ def grpo_loss(
     """``agg(L^clip + beta * k3)`` with the ratio taken against ``old_logprobs`` (see module doc)."""
     mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
     n_seq, n_tok = int(inputs.num_sequences or 0), int(inputs.num_tokens or 0)
-    surrogate = clipped_surrogate(
-        inputs.logprobs, inputs.old_logprobs, inputs.advantages, epsilon_low, epsilon_high
-    )
+    surrogate = clipped_surrogate(inputs.logprobs, inputs.old_logprobs, inputs.advantages, epsilon_low, epsilon_high)
     policy_loss = aggregate(surrogate.loss, mask, n_seq, n_tok, constant)
     loss = policy_loss
     kl = torch.zeros((), dtype=mask.dtype)

@@ -1,0 +1,255 @@
+"""The one typed config of a GRPO run, and how flags and YAML files fill it.
+
+``TrainConfig`` is the single source of truth: every field has a docstring (the help text
+of its command-line flag is read from it), values are validated in ``__post_init__`` with
+messages that name the field, and derived quantities (the task cursor, the context limit)
+stay local to the code that needs them instead of being written back here.
+
+Precedence: defaults < ``--config FILE.yaml`` < command-line flags. YAML keys are the field
+names (``max_steps`` or ``max-steps``); an unknown key is an error that suggests the closest
+field, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rlvr.trainer.advantages import SCALES
+from rlvr.trainer.losses import AGGREGATIONS
+
+
+class ConfigError(ValueError):
+    """A config value or file is invalid; the message names the field and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    """A synchronous GRPO run. Defaults suit the default model on a CPU."""
+
+    # --- what to train, on what
+    env: str = "gsm8k"
+    """Environment: a short name (gsm8k, arithmetic, code, code-multiturn, ...), a gymnasium
+    id, 'module.path:Class' or 'path/to/file.py:Class'."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the environment, as a JSON object on the command line."""
+    model: str | None = None
+    """Hub id or local path of the policy; None uses the small default model bundled with rlvr."""
+    output_dir: str = "runs/grpo"
+    """Where metrics.jsonl and checkpoints/ are written."""
+    max_steps: int = 20
+    """Training steps (one generation batch and its optimizer step(s) each)."""
+    seed: int = 0
+    """Seeds torch, Python and the task order; the same seed replays the same run."""
+    device: str = "auto"
+    """'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available, else CPU)."""
+    torch_threads: int = 2
+    """CPU threads for torch (intra-op); 0 keeps torch's own default."""
+
+    # --- rollouts
+    group_size: int = 8
+    """Completions per prompt (G): the group whose mean reward is the baseline."""
+    prompts_per_step: int = 4
+    """Distinct prompts per step; a step trains on prompts_per_step * group_size episodes."""
+    max_new_tokens: int = 64
+    """Token budget of each model turn; also the constant L of the 'constant' aggregation."""
+    temperature: float = 1.0
+    """Sampling temperature; the learner scores tokens at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 samples from the full distribution)."""
+
+    # --- the objective
+    learning_rate: float = 2e-5
+    """AdamW learning rate (after warmup). The default suits the tiny default model; for 1B+
+    models use ~1e-6."""
+    epsilon_low: float = 0.2
+    """Lower clip of the ratio: rho is clipped at 1 - epsilon_low."""
+    epsilon_high: float = 0.2
+    """Upper clip of the ratio: rho is clipped at 1 + epsilon_high (DAPO uses 0.28)."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the frozen reference model; 0 loads no reference."""
+    scale: str = field(default="group", metadata={"choices": tuple(SCALES)})
+    """Advantage scaling: divide by the 'group' std (GRPO), the 'batch' std, or 'none' (Dr. GRPO)."""
+    aggregation: str = field(default="token", metadata={"choices": tuple(AGGREGATIONS)})
+    """Loss aggregation: 'sequence' mean then mean (GRPO), 'token' mean (DAPO), 'constant'
+    normaliser B * max_new_tokens (Dr. GRPO)."""
+    num_iterations: int = 1
+    """Optimizer steps per generation batch, each against the stored old log-probabilities."""
+    mask_truncated: bool = False
+    """Drop episodes with a completion cut at max_new_tokens from the loss (DAPO overlong filter)."""
+
+    # --- optimisation
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping; the norm is logged either way)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup over this many optimizer steps, then constant."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass; gradients accumulate to the full batch."""
+
+    # --- bookkeeping
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end). The final step is always saved."""
+    resume: str | None = None
+    """Checkpoint directory to continue from, or 'latest' for the newest under output_dir."""
+    progress: bool = True
+    """Show a tqdm progress bar with step, reward and speed."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        checks = [
+            ("group_size", self.group_size >= 2, "must be >= 2: GRPO's baseline is the group mean"),
+            ("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1"),
+            ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", self.temperature > 0, "must be > 0 (log-probabilities of greedy decoding are undefined)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("epsilon_low", 0 <= self.epsilon_low < 1, "must be in [0, 1)"),
+            ("epsilon_high", self.epsilon_high >= 0, "must be >= 0"),
+            ("beta", self.beta >= 0, "must be >= 0"),
+            ("scale", self.scale in SCALES, f"must be one of {sorted(SCALES)}"),
+            ("aggregation", self.aggregation in AGGREGATIONS, f"must be one of {sorted(AGGREGATIONS)}"),
+            ("num_iterations", self.num_iterations >= 1, "must be >= 1"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("torch_threads", self.torch_threads >= 0, "must be >= 0"),
+            ("env_kwargs", isinstance(self.env_kwargs, dict), "must be a mapping (a JSON object)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = _VALUE_TYPES.get(str(f.type))
+            if want is None:
+                continue
+            if isinstance(value, int) and float in want and not isinstance(value, bool):
+                setattr(self, f.name, float(value))  # YAML writes 1e-5 as a float but 1 as an int
+                continue
+            if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in want)
+                raise ConfigError(f"{f.name} must be {names}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """Return the attribute docstrings of a dataclass (the string after each field), by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parse_json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"digits\": 2}}', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build flags for every ``TrainConfig`` field (``--max-steps`` for ``max_steps``) plus ``--config``.
+
+    Defaults are suppressed so that only flags given on the command line override the file.
+    """
+    parser = argparse.ArgumentParser(
+        description="Train a language model with GRPO on an rlvr environment.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of TrainConfig fields.")
+    docs = field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.name == "resume":
+            # A bare --resume means 'latest'.
+            parser.add_argument(flag, nargs="?", const="latest", metavar="DIR|latest", **kwargs)
+        elif f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "env_kwargs":
+            parser.add_argument(flag, type=_parse_json_object, metavar="JSON", **kwargs)
+        else:
+            parser.add_argument(flag, type=_FIELD_TYPES.get(str(f.type), str), **kwargs)
+    return parser
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_VALUE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (float,),
+    "str": (str,),
+    "bool": (bool,),
+    "str | None": (str, type(None)),
+    "dict[str, Any]": (dict,),
+}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of field names (``-`` or ``_`` spelling) to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(raw).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config file {path}: unknown field {key!r}{hint}")
+    return values
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Build and validate the config from ``argv``: defaults < ``--config`` file < flags.
+
+    Exits with a usage error (status 2) naming the bad field, as argparse does for its own.
+    """
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        values = load_yaml(args.pop("config")) if "config" in args else {}
+        values.update(args)
+        return TrainConfig(**values)
+    except (ConfigError, TypeError) as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits

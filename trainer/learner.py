@@ -1,0 +1,192 @@
+"""The plain-torch Learner: one process, AdamW, gradient accumulation over micro-batches.
+
+``TorchLearner.step(batch)`` is one generation batch's worth of learning:
+
+1. score the batch once with the current weights, without gradients: these are
+   ``old_logprobs`` (pi_prox), kept fixed for the whole step; likewise ``ref_logprobs``
+   from the frozen reference model when ``beta > 0``;
+2. ``num_iterations`` times: for each micro-batch, score again with gradients, compute
+   the loss (the function chosen once at setup, see ``losses.py``) and backpropagate;
+   then clip the global gradient norm and take one AdamW step.
+
+On the first iteration pi_theta = pi_prox, so the ratio is exactly 1 and the gradient is
+the plain policy gradient; later iterations are PPO-style re-use of the same samples.
+
+The model stays in eval mode while learning: dropout would make pi_theta differ from
+pi_prox on identical weights, so the first ratio would not be 1 (RL fine-tuning
+practice; the tiny default model and Qwen2 have no dropout anyway).
+
+``version`` counts completed ``step`` calls; the loop hands it to the generator with the
+new weights, and rollouts record which version sampled them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from rlvr.trainer.batch import TrainBatch
+from rlvr.trainer.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
+from rlvr.trainer.losses import LossFn, LossInputs, LossOutputs
+from transformers import AutoModelForCausalLM
+
+_STATE_FILE = "learner_state.pt"
+
+# Diagnostics of LossOutputs averaged over micro-batches (token-weighted) and iterations.
+_LOSS_METRICS = ("policy_loss", "kl", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "behavior_kl")
+
+
+class TorchLearner:
+    """Implements the ``Learner`` protocol with a single torch model and AdamW."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        *,
+        learning_rate: float,
+        ref_model: torch.nn.Module | None = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        warmup_steps: int = 0,
+        num_iterations: int = 1,
+        micro_batch_size: int = 16,
+        temperature: float = 1.0,
+        version: int = 0,
+    ):
+        self.model = model
+        self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
+        self.loss_fn = loss_fn
+        self.max_grad_norm = max_grad_norm
+        self.num_iterations = num_iterations
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+        self.version = version
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
+        # Linear warmup over optimizer steps, then constant.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        )
+
+    # --- the Learner protocol ----------------------------------------------------------
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """Learn from one generation batch (``num_iterations`` optimizer steps); return metrics."""
+        self.model.eval()
+        batch = batch.to(self.device)
+        if batch.num_tokens == 0:  # everything masked (e.g. all truncated): nothing to learn
+            self.version += 1
+            return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self.optimizer.param_groups[0]["lr"]}
+        if batch.old_logprobs is None:
+            batch.old_logprobs = self._score(self.model, batch)
+        if self.ref_model is not None and batch.ref_logprobs is None:
+            batch.ref_logprobs = self._score(self.ref_model, batch)
+        totals: dict[str, float] = dict.fromkeys((*_LOSS_METRICS, "loss", "grad_norm"), 0.0)
+        entropy = math.nan
+        for iteration in range(self.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            sums, ent = self._accumulate(batch, with_entropy=iteration == 0)
+            if iteration == 0:
+                entropy = ent
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            self.scheduler.step()
+            for k, v in sums.items():
+                totals[k] += v / self.num_iterations
+            totals["grad_norm"] += grad_norm / self.num_iterations
+        self.version += 1
+        return {
+            **totals,
+            "entropy": entropy,
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "train_tokens": float(batch.num_tokens),
+            "train_sequences": float(batch.num_sequences),
+        }
+
+    def weights_for_generation(self) -> dict[str, torch.Tensor]:
+        """Return the current weights by name (detached views; copy before mutating)."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def save(self, path: str) -> None:
+        """Write the model (``save_pretrained``) and optimizer/scheduler/version state to ``path``."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "version": self.version,
+        }
+        torch.save(state, out / _STATE_FILE)
+
+    def load(self, path: str) -> None:
+        """Restore what ``save`` wrote: weights into the existing model, then optimizer state."""
+        src = Path(path)
+        saved = AutoModelForCausalLM.from_pretrained(src, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        del saved
+        state = torch.load(src / _STATE_FILE, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = int(state["version"])
+
+    # --- internals -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+        """Log-probabilities of every target token under ``model``: [B, T-1], no grad."""
+        parts = []
+        width = batch.loss_mask.shape[1]
+        for mb in batch.micro_batches(self.micro_batch_size):
+            lp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
+            parts.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))  # back to full width
+        return torch.cat(parts)
+
+    def _accumulate(self, batch: TrainBatch, with_entropy: bool) -> tuple[dict[str, float], float]:
+        """Forward and backward every micro-batch; return token-weighted mean diagnostics."""
+        sums = dict.fromkeys((*_LOSS_METRICS, "loss"), 0.0)
+        entropy_sum, tokens = 0.0, 0.0
+        for mb in batch.micro_batches(self.micro_batch_size):
+            if with_entropy:
+                scored = sequence_logprobs_and_entropy(
+                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature
+                )
+                logprobs = scored.logprobs  # [b, t-1]
+                entropy_sum += float((scored.entropy.detach() * mb.loss_mask).sum())
+            else:
+                logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
+            out: LossOutputs = self.loss_fn(_loss_inputs(mb, logprobs))
+            out.loss.backward()
+            n = float(mb.loss_mask.sum().item())
+            tokens += n
+            sums["loss"] += float(out.loss.detach())  # already normalised by whole-batch counts
+            for k in _LOSS_METRICS:
+                sums[k] += float(getattr(out, k)) * n
+        for k in _LOSS_METRICS:
+            sums[k] /= max(tokens, 1.0)
+        return sums, entropy_sum / max(tokens, 1.0) if with_entropy else math.nan
+
+    def _clip_gradients(self) -> float:
+        """Clip the global gradient norm to ``max_grad_norm`` (0: no clipping); return the norm."""
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grads = [p for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(grads, limit))
+
+
+def _loss_inputs(mb: TrainBatch, logprobs: torch.Tensor) -> LossInputs:
+    assert mb.old_logprobs is not None  # set by TorchLearner.step before any micro-batch
+    return LossInputs(
+        logprobs=logprobs,
+        old_logprobs=mb.old_logprobs,
+        behavior_logprobs=mb.behavior_logprobs,
+        advantages=mb.advantages,
+        loss_mask=mb.loss_mask,
+        ref_logprobs=mb.ref_logprobs,
+        num_sequences=mb.num_sequences,
+        num_tokens=mb.num_tokens,
+    )

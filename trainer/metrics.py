@@ -1,0 +1,124 @@
+"""Per-step metrics: what a rollout batch says, timing, and the metrics.jsonl writer.
+
+One JSON object per step is appended to ``OUTPUT_DIR/metrics.jsonl`` and flushed (and
+fsync'ed) before the next step starts, so a crash loses at most the step in flight and
+tests can read learning curves from the file instead of parsing console text.
+
+Keys written every step (learner keys come from ``TorchLearner.step``):
+
+- ``step``; ``reward_mean``, ``reward_std`` over episodes; ``components/<name>_mean`` and
+  ``_std`` for each reward component the environment reports;
+- ``zero_spread_fraction``: groups whose rewards are all equal (they teach nothing);
+- ``completion_length_mean`` / ``_max`` (model tokens per episode, all turns),
+  ``truncated_fraction`` (episodes with a turn cut at max_new_tokens), ``turns_mean``;
+- ``time/generation``, ``time/reward`` (inside the environments, where verifiers run),
+  ``time/learning``, ``time/step``; ``tokens_per_second`` (generated tokens per second of
+  the whole step) and ``generation_tokens_per_second``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from rlvr.trainer.advantages import zero_spread_fraction
+
+if TYPE_CHECKING:
+    from rlvr.trainer.rollout import RolloutBatch
+
+
+class Stopwatch:
+    """Accumulates wall-clock seconds per label: ``with watch.time("generation"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def time(self, label: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[label] += time.perf_counter() - start
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+def rollout_metrics(rollouts: RolloutBatch) -> dict[str, float]:
+    """Reward, spread, length and truncation statistics of one step's episodes."""
+    episodes = rollouts.episodes
+    rewards = [e.reward for e in episodes]
+    out: dict[str, float] = {}
+    out["reward_mean"], out["reward_std"] = _mean_std(rewards)
+    names = sorted({k for e in episodes for k in e.reward_components})
+    for name in names:
+        values = [e.reward_components[name] for e in episodes if name in e.reward_components]
+        out[f"components/{name}_mean"], out[f"components/{name}_std"] = _mean_std(values)
+    returns = torch.tensor([[e.reward for e in group] for group in rollouts.groups], dtype=torch.float64)
+    out["zero_spread_fraction"] = zero_spread_fraction(returns)
+    lengths = [e.num_model_tokens for e in episodes]
+    out["completion_length_mean"] = statistics.fmean(lengths)
+    out["completion_length_max"] = float(max(lengths))
+    out["truncated_fraction"] = statistics.fmean(float(e.length_truncated) for e in episodes)
+    out["context_truncated_fraction"] = statistics.fmean(float(e.context_truncated) for e in episodes)
+    out["turns_mean"] = statistics.fmean(e.num_turns for e in episodes)
+    out["generated_tokens"] = float(sum(lengths))
+    return out
+
+
+def timing_metrics(
+    generated_tokens: float, generation_s: float, reward_s: float, learning_s: float, step_s: float
+) -> dict[str, float]:
+    """Where the step's time went, and throughput in generated tokens per second."""
+    return {
+        "time/generation": generation_s,
+        "time/reward": reward_s,
+        "time/learning": learning_s,
+        "time/step": step_s,
+        "tokens_per_second": generated_tokens / max(step_s, 1e-9),
+        "generation_tokens_per_second": generated_tokens / max(generation_s, 1e-9),
+    }
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to a JSONL file, durably."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, float | int | str]) -> None:
+        # NaN is not JSON; write null so every line parses with any JSON reader.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean, sort_keys=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics.jsonl file, in order."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
