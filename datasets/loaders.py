@@ -4,6 +4,7 @@
 
 - a path: a ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file, or a folder holding
   ``{split}.jsonl`` (or ``.parquet``); parquet needs ``pyarrow`` (``pip install 'rlvr[hub]'``).
+  A file is one split: its name (``test.jsonl`` -> ``test``) is the split reported.
 - ``"hub"`` or ``"hub:owner/name[:config]"``: the Hugging Face dataset, through the
   ``datasets`` library (the optional extra ``rlvr[hub]``); failures raise.
 - ``"bundled"``: the sample written for this project (``datasets/data/*_sample.jsonl``,
@@ -320,6 +321,9 @@ def _load(
     label, file_label, rows = load_rows(
         source, split, spec.bundled, lambda: _load_hub(spec, str(source), split)
     )
+    if label.startswith("file:"):
+        # A file is one split whatever was asked; its name ("test.jsonl") says which.
+        split = Path(file_label).name.split(".")[0]
     items = [spec.parse(row, file_label, number, split) for number, row in rows]
     items = select(items, shuffle=shuffle, seed=seed, limit=limit)
     note = " (the bundled sample has no splits; it serves every split)" if label.startswith("bundled") else ""

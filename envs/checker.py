@@ -261,13 +261,15 @@ def _gold_episode(env: gymnasium.Env, gold: Any) -> tuple[float, list[dict[str, 
     # The env is already reset on the task; gold_action() needs that current task.
     action = gold()
     total, infos = 0.0, []
-    for turn in range(getattr(env.unwrapped, "max_turns", None) or 64):
+    limit = getattr(env.unwrapped, "max_turns", None) or 64
+    for turn in range(limit):
         _, reward, terminated, truncated, info = _check_step_result(env, env.step(action), f"gold step #{turn + 1}")
         total += reward
         infos.append(info)
         if terminated or truncated:
-            break
-    return total, infos
+            return total, infos
+    _fail(f"the episode did not end after {limit} steps; a multi-turn env must truncate at max_turns")
+    raise AssertionError("unreachable")
 
 
 def check_garbage(env: gymnasium.Env, garbage: Sequence[str] = GARBAGE, indices: Sequence[int] = (0, 1)) -> None:

@@ -1,7 +1,8 @@
-"""Code environments: the reward is the fraction of a problem's tests the program passes.
+"""Code environments: the reward is 1 when the program passes every test of the problem.
 
 - ``CodeEnv`` (single turn): the model writes a program in a ```python block; the reward
-  is ``verify_code`` against the problem's tests (asserts or stdin/stdout pairs).
+  is ``verify_code`` against the problem's tests (asserts or stdin/stdout pairs), which
+  scores 1 only when all pass (no partial credit a policy could farm).
 - ``CodeMultiTurnEnv``: the same, but an attempt that fails gets the failing tests back
   as the next user message (from ``rlvr.verifiers.code.run_tests``) and the model tries
   again, up to ``max_turns`` attempts. The episode terminates when every test passes

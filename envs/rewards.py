@@ -99,4 +99,5 @@ def format_component(weight: float, tags: tuple[str, str] = ("think", "answer"))
 def wrap_in_format(reasoning: str, answer: str, tags: tuple[str, str] = ("think", "answer")) -> str:
     """Return a completion in the shape the format component rewards (for gold answers)."""
     think, ans = tags
-    return f"<{think}>{reasoning}</{think}>\n<{ans}>{answer}</{ans}>"
+    # The answer on lines of its own: a ```python fence must start a line to be found.
+    return f"<{think}>\n{reasoning}\n</{think}>\n<{ans}>\n{answer}\n</{ans}>"
