@@ -116,9 +116,6 @@ def _quote(text: str) -> str:
 
 def _assert_outcome(run: SandboxRun, total: int) -> tuple[int, list[str], str | None]:
     """Return (passed, failures, reason or None when the tests decide it)."""
-    syntax = run.of_kind("syntax")
-    if syntax:
-        return 0, [f"syntax error: {syntax[0].get('error')}"], "syntax error"
     program = run.of_kind("program")
     if program and not program[0].get("ok"):
         reason = "memory limit" if program[0].get("memory") else "runtime error"
@@ -198,7 +195,10 @@ def run_tests(program: str, tests: Sequence[str] | Sequence[dict], *,
     run = run_in_sandbox(program, sandbox_tests, mode=mode, limits=limits,
                          isolation=isolation)
     total = len(sandbox_tests)
-    if expected is None:
+    syntax = run.of_kind("syntax")
+    if syntax:
+        passed, failures, specific = 0, [f"syntax error: {syntax[0].get('error')}"], "syntax error"
+    elif expected is None:
         passed, failures, specific = _assert_outcome(run, total)
     else:
         passed, failures, specific = _io_outcome(run, expected)

@@ -81,7 +81,11 @@ SANDBOX_GID = 65534
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _NS_FLAGS = ("--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
              "--mount-proc")
-_HARNESS_SOURCE = Path(__file__).with_name("sandbox_harness.py").read_text()
+_HARNESS_SOURCE = Path(__file__).with_name("sandbox_harness.py").read_bytes()
+# The harness source travels in a per-run memfd (argv[1]) rather than in argv, which
+# would put 12 kB of code into every `ps` line; the bootstrap reads and closes it.
+_BOOTSTRAP = ("import sys;exec(compile(open(int(sys.argv[1]),encoding='utf-8').read(),"
+              "'sandbox_harness.py','exec'))")
 _EXIT_GRACE = 0.5  # seconds to drain pipes after the sandbox's main process has exited
 _RECORD_OVERHEAD = 1024  # bytes of result channel allowed per test beyond captured output
 
@@ -284,7 +288,7 @@ def _run(backend: _Backend, mode: str, program: str, tests: list[str],
             result_cap += 4 * limits.max_output_bytes
         proc, result_r = _spawn(backend, marshal.dumps(payload), workdir)
         try:
-            streams = _collect(proc, result_r, limits, result_cap, start)
+            streams = _collect(proc, result_r, limits, result_cap, start, namespaced)
         finally:
             os.close(result_r)
             _terminate(proc, namespaced)
@@ -304,24 +308,26 @@ def _run(backend: _Backend, mode: str, program: str, tests: list[str],
 
 
 def _spawn(backend: _Backend, payload: bytes, workdir: str) -> tuple[subprocess.Popen, int]:
+    source_fd = _anon_fd(_HARNESS_SOURCE)
     payload_fd = _anon_fd(payload)
     result_r, result_w = os.pipe()
-    argv = [*backend.prefix, backend.python, "-I", "-S", "-c", _HARNESS_SOURCE,
-            str(payload_fd), str(result_w)]
+    argv = [*backend.prefix, backend.python, "-I", "-S", "-c", _BOOTSTRAP,
+            str(source_fd), str(payload_fd), str(result_w)]
     env = {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "HOME": workdir}
     try:
-        # pass_fds makes exactly these two inheritable in the child; every other fd of the
+        # pass_fds makes exactly these three inheritable in the child; every other fd of the
         # caller (other threads' pipes included) is O_CLOEXEC, so concurrent spawns are safe.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=(payload_fd, result_w),
+                                stderr=subprocess.PIPE,
+                                pass_fds=(source_fd, payload_fd, result_w),
                                 env=env, cwd=workdir if backend.level == "process-group"
                                 else "/", start_new_session=True)
     except BaseException:
         os.close(result_r)
         raise
     finally:
-        os.close(payload_fd)
-        os.close(result_w)
+        for fd in (source_fd, payload_fd, result_w):
+            os.close(fd)
     return proc, result_r
 
 
@@ -335,7 +341,7 @@ class _Streams:
 
 
 def _collect(proc: subprocess.Popen, result_r: int, limits: SandboxLimits,
-             result_cap: int, start: float) -> _Streams:
+             result_cap: int, start: float, namespaced: bool) -> _Streams:
     """Read stdout, stderr and the result pipe until EOF, the deadline, or a cap."""
     assert proc.stdout is not None and proc.stderr is not None
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
@@ -355,6 +361,8 @@ def _collect(proc: subprocess.Popen, result_r: int, limits: SandboxLimits,
                 break
             if exited_at is None and _exited(proc.pid):
                 exited_at = now
+                if not namespaced:  # leftovers in the group would hold the pipes open
+                    _signal_group(proc.pid)
             if exited_at is not None and now - exited_at > _EXIT_GRACE:
                 break  # something that escaped the group still holds a pipe open
             for key, _ in sel.select(min(deadline - now, 0.1)):

@@ -1,11 +1,12 @@
 """The script that runs inside the sandbox: set up isolation, run the program, report.
 
-``rlvr.verifiers.sandbox`` starts it as ``python -I -S -c <this source> PAYLOAD_FD RESULT_FD``
-(never imported as a module). PAYLOAD_FD holds a ``marshal``-ed dict written by the caller
-(the trusted direction); RESULT_FD is the write end of a private pipe on which this script
-writes one ``repr``-ed dict per line, each carrying the per-run random nonce from the
-payload. The caller accepts only lines with the nonce, so a program that prints "passed",
-writes fake records without the nonce, exits early or kills itself never produces a pass.
+``rlvr.verifiers.sandbox`` starts ``python -I -S -c <bootstrap> SOURCE_FD PAYLOAD_FD
+RESULT_FD``; the bootstrap execs this file's text from SOURCE_FD (it is never imported).
+PAYLOAD_FD holds a ``marshal``-ed dict written by the caller (the trusted direction);
+RESULT_FD is the write end of a private pipe on which this script writes one ``repr``-ed
+dict per line, each carrying the per-run random nonce from the payload. The caller accepts
+only lines with the nonce, so a program that prints "passed", writes fake records without
+the nonce, exits early or kills itself never produces a pass.
 
 Modes:
 
@@ -17,7 +18,6 @@ Modes:
   ``__main__`` with that stdin; this process captures the child's stdout (capped) and
   sends it back raw. The comparison with the expected output happens in the caller; the
   expected outputs never enter the sandbox.
-- ``probe``: setup only, then ``done``; used to pick an isolation level.
 
 Kept import-light (no json, re, traceback, tempfile: each costs milliseconds, and start-up
 is most of the cost of a sandboxed run) and compatible with Python 3.8+, since it may run
@@ -245,6 +245,8 @@ def _capture(read_fd, pid, cap, pid_ns):
     overflow = False
     while True:
         ready, _, _ = select.select([read_fd], [], [], 0.05)
+        if not ready and status is not None and not pid_ns:
+            break  # a leftover grandchild holds the pipe; the caller kills the group later
         if ready:
             chunk = os.read(read_fd, 1 << 16)
             if not chunk:
@@ -296,7 +298,7 @@ def _run_io(program, inputs, emit, result_fd, setup, cap):
 
 
 def main():
-    payload_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+    payload_fd, result_fd = int(sys.argv[2]), int(sys.argv[3])
     payload = marshal.loads(_read_all(payload_fd))
     os.close(payload_fd)
     nonce = payload["nonce"]
