@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -234,6 +235,14 @@ def _hf_load_dataset() -> Callable[..., Any] | None:
     Run from the repo root, ``import datasets`` finds this very folder (a namespace
     package with no ``load_dataset``): that counts as "not installed".
     """
+    try:
+        spec = importlib.util.find_spec("datasets")
+    except (ImportError, ValueError):
+        return None
+    # A namespace package has no origin: that is this folder, not the library. Checking
+    # before importing keeps it out of sys.modules, where other libraries would see it.
+    if spec is None or spec.origin is None:
+        return None
     try:
         module = importlib.import_module("datasets")
     except ImportError:

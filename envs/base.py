@@ -158,6 +158,8 @@ class TextEnv(gymnasium.Env):
                 message when the system prompt is empty).
             info: ``{"task_id": str, "reference": Any, "index": int}``.
         """
+        if "_done" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__(**kwargs)")
         super().reset(seed=seed)
         index = self._choose_index(options or {})
         task = self.get_task(index)

@@ -101,6 +101,11 @@ class ToyEnv(TextEnv):
         return Verdict(float(ok), completion.strip(), "correct" if ok else "wrong answer")
 
 
+class NoSuperInitEnv(ToyEnv):
+    def __init__(self):
+        self.word = "forgot super().__init__()"
+
+
 def test_reset_returns_system_and_user_messages_and_info():
     obs, info = ToyEnv().reset(seed=0, options={"index": 4})
     assert obs == [{"role": "system", "content": "Repeat the word."}, {"role": "user", "content": "word4"}]
@@ -156,9 +161,10 @@ def test_format_weight_gold_earns_both_components(name):
         (lambda e: e.reset(options={"index": 50}), ValueError, "out of range"),
         (lambda e: e.reset(options={"index": -1}), ValueError, "int >= 0"),
         (lambda e: ToyEnv(max_turns=0), ValueError, "max_turns"),
+        (lambda e: NoSuperInitEnv().reset(), RuntimeError, r"must call super\(\).__init__"),
     ],
     ids=["step-before-reset", "step-after-end", "non-str-action", "unknown-option", "index-too-big",
-         "negative-index", "zero-turns"],
+         "negative-index", "zero-turns", "no-super-init"],
 )
 def test_misuse_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
