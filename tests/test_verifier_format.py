@@ -15,7 +15,8 @@ GOOD = "<think>\nFirst, 2 + 2.\nThat is 4.\n</think>\n<answer>4</answer>\n"
     [
         pytest.param(GOOD, "correct", id="multi-line-think"),
         pytest.param("<think>a</think><answer>b</answer>", "correct", id="no-whitespace"),
-        pytest.param("  \n<think>a</think>\n\n<answer>\nb\n</answer>  ", "correct", id="outer-space"),
+        pytest.param("  \n<think>a</think>\n\n<answer>\nb\n</answer>  ", "correct",
+                     id="outer-space"),
         pytest.param("<think>a</think>", "missing <answer>", id="no-answer"),
         pytest.param("<answer>b</answer>", "missing <think>", id="no-think"),
         pytest.param("<think>a<answer>b</answer>", "missing <think>", id="unclosed-think"),
@@ -59,7 +60,8 @@ def test_correct_verdict_carries_the_contents():
         pytest.param("<think>a</think><answer>b</answer>", ("reasoning", "solution"),
                      "missing <reasoning>", id="default-tags-fail-custom"),
         pytest.param("<a>1</a><b>2</b><c>3</c>", ("a", "b", "c"), "correct", id="three-tags"),
-        pytest.param("<a>1</a><c>3</c><b>2</b>", ("a", "b", "c"), "out of order", id="three-swapped"),
+        pytest.param("<a>1</a><c>3</c><b>2</b>", ("a", "b", "c"), "out of order",
+                     id="three-swapped"),
     ],
 )
 def test_configurable_tags(completion, tags, reason):

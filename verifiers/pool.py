@@ -30,7 +30,8 @@ Invariants:
 1. Every submitted item gets exactly one result (:class:`ItemResult`): ``ok``, ``error``
    (the function raised), ``timeout``, ``crashed`` (the worker died on that item) or
    ``cancelled`` (the pool was closed first). No future is left pending after ``close``.
-2. An item runs at most once: only items that never started are re-queued.
+2. An item runs at most once: only items that never started are re-queued (the rest of a
+   hung chunk; a whole chunk whose worker died before loading it, at most 3 times).
 3. No item runs longer than ``timeout + kill_grace`` seconds of wall clock after it starts
    (plus the dispatcher's wake-up latency, milliseconds). Time spent waiting in the queue
    or importing the function's module in a fresh worker does not count.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import ctypes
 import importlib
 import itertools
@@ -63,8 +65,10 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Literal
 
 Status = Literal["ok", "error", "timeout", "crashed", "cancelled"]
+Fn = Callable[[Any], Any]  # module-level (importable by the workers) and picklable
 
 _MAX_STARTUP_FAILURES = 3
+_MAX_LOST = 3
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,8 @@ class ItemResult:
 
 @dataclass(frozen=True)
 class _WorkerConfig:
-    memory_limit_bytes: int | None
-    preload: tuple[str, ...]
+    memory_limit_bytes: int | None  # RLIMIT_AS of each worker
+    preload: tuple[str, ...]  # modules imported before the worker reports ready
 
 
 @dataclass
@@ -92,6 +96,7 @@ class _Task:
     arg_payload: bytes
     timeout: float
     future: Future = field(default_factory=Future)
+    lost: int = 0  # times a worker died before starting this task's chunk
 
 
 @dataclass
@@ -102,6 +107,7 @@ class _Worker:
     started_at: float = field(default_factory=time.monotonic)
     chunk: list[_Task] = field(default_factory=list)
     chunk_id: int = -1
+    started: bool = False  # the worker has loaded the chunk's function and begun
     position: int = 0  # index in `chunk` of the item now running
     deadline: float | None = None  # hard deadline of that item (monotonic seconds)
     items_done: int = 0
@@ -161,37 +167,31 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- public API
 
-    def submit_many(
-        self, fn: Callable[[Any], Any], args: Sequence[Any], *, timeout: float
-    ) -> list[Future]:
+    def submit_many(self, fn: Fn, args: Sequence[Any], *, timeout: float) -> list[Future]:
         """Queue ``fn(arg)`` for every arg; each future resolves to an :class:`ItemResult`."""
         if os.getpid() != self._owner_pid:
             raise RuntimeError("a WorkerPool cannot be used from a forked child; make a new one")
         fn_payload = pickle.dumps(fn)
         tasks = [_Task(fn_payload, pickle.dumps(arg), float(timeout)) for arg in args]
         with self._lock:
-            if self._closing or self._broken:
-                why = self._broken or "pool closed"
-                status: Status = "crashed" if self._broken else "cancelled"
-                for task in tasks:
-                    task.future.set_result(ItemResult(status, error=why))
-            else:
+            refused = ItemResult("crashed", error=self._broken) if self._broken else None
+            if self._closing:
+                refused = ItemResult("cancelled", error="pool closed")
+            if refused is None:
                 self._queue.extend(tasks)
+        for task in tasks if refused else []:
+            task.future.set_result(refused)
         self._wake()
         return [task.future for task in tasks]
 
-    def submit(self, fn: Callable[[Any], Any], arg: Any, *, timeout: float) -> Future:
+    def submit(self, fn: Fn, arg: Any, *, timeout: float) -> Future:
         return self.submit_many(fn, [arg], timeout=timeout)[0]
 
-    def map(
-        self, fn: Callable[[Any], Any], args: Sequence[Any], *, timeout: float
-    ) -> list[ItemResult]:
+    def map(self, fn: Fn, args: Sequence[Any], *, timeout: float) -> list[ItemResult]:
         """Run ``fn`` on every arg and block until all have a result (in order)."""
         return [f.result() for f in self.submit_many(fn, args, timeout=timeout)]
 
-    async def amap(
-        self, fn: Callable[[Any], Any], args: Sequence[Any], *, timeout: float
-    ) -> list[ItemResult]:
+    async def amap(self, fn: Fn, args: Sequence[Any], *, timeout: float) -> list[ItemResult]:
         """Asyncio form of :meth:`map`; the event loop is never blocked."""
         futures = self.submit_many(fn, args, timeout=timeout)
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
@@ -225,10 +225,9 @@ class WorkerPool:
     # ------------------------------------------------------------ dispatcher side
 
     def _wake(self) -> None:
-        try:
+        # BlockingIOError: a wake-up is already pending (buffer full); OSError: pool closed.
+        with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending (buffer full) or the pool is gone
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
@@ -277,17 +276,13 @@ class WorkerPool:
 
     def _send_chunk(self, worker: _Worker, chunk: list[_Task]) -> None:
         worker.chunk, worker.position, worker.chunk_id = chunk, 0, next(self._chunk_ids)
+        worker.started = False
         # No deadline until the worker says "start": unpickling the function may import
         # heavy modules (sympy) in a fresh worker, which is not the item's time.
         worker.deadline = time.monotonic() + self.startup_timeout
-        message = (
-            worker.chunk_id,
-            chunk[0].fn_payload,
-            [t.arg_payload for t in chunk],
-            chunk[0].timeout,
-        )
+        message = (worker.chunk_id, chunk[0].fn_payload, [t.arg_payload for t in chunk])
         try:
-            worker.conn.send(message)
+            worker.conn.send((*message, chunk[0].timeout))
         except (OSError, ValueError):
             pass  # the worker is dead; its sentinel fires and _retire handles the chunk
 
@@ -301,17 +296,16 @@ class WorkerPool:
             waitables += [w.conn, w.process.sentinel]
         ready = wait(waitables, timeout=max(0.0, limit - now))
         if self._wake_r in ready:
-            try:
+            with contextlib.suppress(BlockingIOError, OSError):
                 while self._wake_r.recv(4096):
                     pass
-            except (BlockingIOError, OSError):
-                pass
         for worker in list(self._workers):
             if worker.conn in ready:
                 self._drain(worker)
             if worker.process.sentinel in ready and worker in self._workers:
                 self._drain(worker)
-                self._retire(worker, "crashed", f"worker exited with code {worker.process.exitcode}")
+                code = worker.process.exitcode
+                self._retire(worker, "crashed", f"worker exited with code {code}")
 
     def _drain(self, worker: _Worker) -> None:
         """Handle every message the worker has sent so far."""
@@ -331,6 +325,7 @@ class WorkerPool:
             worker.ready = False
             self._startup_error = message[1]
         elif kind == "start" and message[1] == worker.chunk_id:
+            worker.started = True
             worker.deadline = now + worker.chunk[0].timeout + self.kill_grace
         elif kind == "result" and message[1] == worker.chunk_id:
             _, _, position, status, value, error = message
@@ -365,44 +360,51 @@ class WorkerPool:
         worker.process.join(timeout=5)
         worker.conn.close()
         pending = worker.chunk[worker.position :]
+        if status == "crashed":
+            self.crashes += 1
+        if pending and not worker.started and status == "crashed":
+            # Died before loading the chunk (killed from outside, or the chunk was sent to a
+            # worker already dead): nothing ran, so all of it is retried, a few times at most.
+            for task in pending:
+                task.lost += 1
+            if pending[0].lost < _MAX_LOST:
+                status = None
         if pending and status is not None:
-            if status == "crashed":
-                self.crashes += 1
             pending[0].future.set_result(ItemResult(status, error=error))
             pending = pending[1:]
-        if not worker.ready:
-            self._startup_failures += 1
+        self._startup_failures += 0 if worker.ready else 1
+        failed: list[_Task] = []
         with self._lock:
             self._queue.extendleft(reversed(pending))
             self._workers.remove(worker)
             if self._startup_failures >= _MAX_STARTUP_FAILURES:
-                detail = self._startup_error or error
-                self._broken = f"workers fail to start: {detail}"
-                while self._queue:
-                    self._queue.popleft().future.set_result(ItemResult("crashed", error=self._broken))
+                self._broken = f"workers fail to start: {self._startup_error or error}"
+                failed, self._queue = list(self._queue), collections.deque()
             else:
                 self._workers.append(self._spawn())
+        # Futures are settled outside the lock: their callbacks may call submit().
+        for task in failed:
+            task.future.set_result(ItemResult("crashed", error=self._broken))
 
     def _shutdown(self) -> None:
         for worker in self._workers:
-            try:
-                worker.conn.send(None)
-            except (OSError, ValueError):
-                pass
+            with contextlib.suppress(OSError, ValueError):
+                worker.conn.send(None)  # ask politely; idle workers exit at once
         end = time.monotonic() + 1.0
+        unfinished: list[_Task] = []
         for worker in self._workers:
             worker.process.join(timeout=max(0.0, end - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=5)
-            for task in worker.chunk[worker.position :]:
-                if not task.future.done():
-                    task.future.set_result(ItemResult("cancelled", error="pool closed"))
+            unfinished += worker.chunk[worker.position :]
             worker.conn.close()
         with self._lock:
-            while self._queue:
-                self._queue.popleft().future.set_result(ItemResult("cancelled", error="pool closed"))
-            self._workers = []
+            unfinished += self._queue
+            self._queue, self._workers = collections.deque(), []
+        for task in unfinished:
+            if not task.future.done():
+                task.future.set_result(ItemResult("cancelled", error="pool closed"))
         self._wake_r.close()
         self._wake_w.close()
 
@@ -454,12 +456,8 @@ os.register_at_fork(after_in_child=_forget_shared_pools_in_child)
 # ---------------------------------------------------------------- worker side
 
 
-class _SoftTimeout(BaseException):
-    """Raised by SIGALRM in a worker.
-
-    A BaseException so that the ``except Exception`` blocks of sympy and math-verify
-    do not swallow it.
-    """
+class _SoftTimeout(BaseException):  # not Exception: sympy's `except Exception` must not eat it
+    """Raised by SIGALRM in a worker when its item's time is up."""
 
 
 def _raise_soft_timeout(signum: int, frame: object) -> None:
@@ -469,10 +467,8 @@ def _raise_soft_timeout(signum: int, frame: object) -> None:
 def _die_with_parent() -> None:
     # Linux only, best effort: SIGKILL this worker when its parent (the forkserver, which
     # exits with the pool's process) dies, so a worker stuck in C code is never orphaned.
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _setup_worker(config: _WorkerConfig) -> None:
@@ -489,7 +485,7 @@ def _setup_worker(config: _WorkerConfig) -> None:
     signal.signal(signal.SIGALRM, _raise_soft_timeout)
 
 
-def _run_one(fn: Callable[[Any], Any] | None, fn_error: str, payload: bytes, timeout: float):
+def _run_one(fn: Fn | None, fn_error: str, payload: bytes, timeout: float) -> tuple:
     """Run one item under the soft timer; return ``(status, value, error)``."""
     if fn is None:
         return "error", None, fn_error
