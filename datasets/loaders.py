@@ -15,8 +15,10 @@
   on a network timeout; otherwise the bundled sample. Set ``HF_HUB_OFFLINE=1`` to keep
   ``datasets`` from re-checking the hub even for a cached dataset.
 
-The source actually used is logged at INFO and kept in ``LoadedDataset.source``. A
-malformed row raises ``DataError`` naming the file, the 1-based row and the field.
+The source actually used is logged at INFO (once per process and source; later loads of
+the same source reuse the parsed rows and log at DEBUG) and kept in
+``LoadedDataset.source``. A malformed row raises ``DataError`` naming the file, the
+1-based row and the field.
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ def load_rows(
     source: str | os.PathLike[str], split: str, bundled: str, hub: Callable[[], Any]
 ) -> tuple[str, str, list[tuple[int, dict[str, Any]]]]:
     """Resolve ``source`` to ``(source_label, file_label, rows)``; shared by all loaders."""
-    if isinstance(source, str) and (source == "hub" or source.startswith("hub:")):
+    if _is_hub(source):
         label, rows = hub()
         return label, label, rows
     if source == "bundled":
@@ -312,6 +314,31 @@ def load_rows(
         return f"bundled:{bundled}", str(path), list(read_rows(path))
     path = _resolve_path(source, split)
     return f"file:{path}", str(path), list(read_rows(path))
+
+
+# Parsed rows by source, so the trainer's many env instances (one per group member) read
+# and parse a file once per process. Keyed on (mtime, size) so an edited file is re-read.
+_PARSED: dict[tuple[Any, ...], tuple[str, str, list[Any]]] = {}
+
+
+def _is_hub(source: str | os.PathLike[str]) -> bool:
+    return isinstance(source, str) and (source == "hub" or source.startswith("hub:"))
+
+
+def _cache_key(name: str, source: str | os.PathLike[str], split: str) -> tuple[Any, ...]:
+    if source == "bundled" or _is_hub(source):
+        return (name, str(source), split)
+    path = _resolve_path(source, split).resolve()
+    stat = path.stat()
+    return (name, str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _parse_source(spec: _Spec, source: str | os.PathLike[str], split: str) -> tuple[str, str, list[Any]]:
+    label, file_label, rows = load_rows(source, split, spec.bundled, lambda: _load_hub(spec, str(source), split))
+    if label.startswith("file:"):
+        # A file is one split whatever was asked; its name ("test.jsonl") says which.
+        split = Path(file_label).name.split(".")[0]
+    return label, split, [spec.parse(row, file_label, number, split) for number, row in rows]
 
 
 def _load(
@@ -327,16 +354,18 @@ def _load(
         source = "hub" if use_hub else "bundled"
         reason = "cached on the hub" if use_hub else "the hub copy is not cached or 'datasets' is missing"
         log.info("%s: source=auto chose %s (%s)", spec.name, source, reason)
-    label, file_label, rows = load_rows(
-        source, split, spec.bundled, lambda: _load_hub(spec, str(source), split)
-    )
-    if label.startswith("file:"):
-        # A file is one split whatever was asked; its name ("test.jsonl") says which.
-        split = Path(file_label).name.split(".")[0]
-    items = [spec.parse(row, file_label, number, split) for number, row in rows]
-    items = select(items, shuffle=shuffle, seed=seed, limit=limit)
+    key = _cache_key(spec.name, source, split)
+    cached = key in _PARSED
+    if not cached:
+        _PARSED[key] = _parse_source(spec, source, split)
+    label, split, parsed = _PARSED[key]
+    items = select(parsed, shuffle=shuffle, seed=seed, limit=limit)
     note = " (the bundled sample has no splits; it serves every split)" if label.startswith("bundled") else ""
-    log.info("%s: loaded %d rows of split %r from %s%s", spec.name, len(items), split, label, note)
+    log.log(
+        logging.DEBUG if cached else logging.INFO,
+        "%s: %s %d rows of split %r from %s%s",
+        spec.name, "reused" if cached else "loaded", len(items), split, label, note,
+    )
     return LoadedDataset(name=spec.name, source=label, split=split, items=items)
 
 

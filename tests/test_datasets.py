@@ -133,13 +133,24 @@ def test_shuffle_is_seeded_and_limit_applies():
 def test_auto_falls_back_to_bundled_fast_and_logs_the_source(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    caplog.set_level(logging.INFO, logger="rlvr.datasets.loaders")
+    caplog.set_level(logging.DEBUG, logger="rlvr.datasets.loaders")
     start = time.monotonic()
     data = load_math("auto", split="test")
     assert time.monotonic() - start < 2.0
     assert data.source == "bundled:math_sample.jsonl"
     assert "math: source=auto chose bundled" in caplog.text
     assert "from bundled:math_sample.jsonl" in caplog.text
+
+
+def test_a_file_is_parsed_once_per_process_until_it_changes(tmp_path, caplog):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "Q?", "answer": "#### 1"}) + "\n")
+    caplog.set_level(logging.INFO, logger="rlvr.datasets.loaders")
+    first, second = load_gsm8k(path), load_gsm8k(path, limit=1)
+    assert first[0] is second[0]  # the trainer builds one env per group member: parse once
+    assert caplog.text.count("gsm8k: loaded 1 rows") == 1
+    path.write_text(json.dumps({"question": "Q?", "answer": "#### 22"}) + "\n")
+    assert load_gsm8k(path)[0].answer == "22"
 
 
 def test_is_cached_looks_in_both_hf_caches(monkeypatch, tmp_path):
@@ -169,6 +180,7 @@ def test_hub_rows_are_parsed_like_files(monkeypatch):
         return [{"question": "How many?", "answer": "2 + 2 = 4\n#### 4"}]
 
     monkeypatch.setattr(loaders, "_hf_load_dataset", lambda: fake_load_dataset)
+    monkeypatch.setattr(loaders, "_PARSED", {})  # keep the fake rows out of the process cache
     data = load_gsm8k("hub:someone/gsm8k-copy:main", split="test")
     assert calls == [("someone/gsm8k-copy", "main", "test")]
     assert data.source == "hub:someone/gsm8k-copy" and data[0].answer == "4"
