@@ -1,8 +1,7 @@
 """The README's "Adding an environment" example runs exactly as written.
 
-The section is read from README.md (set RLVR_README to another markdown file, e.g.
-docs_snippets/adding_an_environment.md, while the README is being written). A missing
-heading fails: the README must carry the section.
+The section is read from README.md (RLVR_README may name another markdown file). A
+missing heading fails: the README must carry the section.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ def _section() -> str:
     text = path.read_text(encoding="utf-8")
     start = text.find(f"\n{HEADING}\n")
     if start < 0 and not text.startswith(f"{HEADING}\n"):
-        pytest.fail(f"{path} has no '{HEADING}' section (its text is in docs_snippets/adding_an_environment.md)")
+        pytest.fail(f"{path} has no '{HEADING}' section ")
     start = max(start, 0)
     end = text.find("\n## ", start + len(HEADING) + 1)
     return text[start : end if end > 0 else len(text)]

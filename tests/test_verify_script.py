@@ -100,3 +100,32 @@ def test_real_public_sets_through_verify_script():
                           capture_output=True, text=True, timeout=1200)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("env", ["gsm8k", "math", "code", "code-multiturn", "arithmetic"])
+def test_env_gold_answers_all_score_one(tmp_path, env):
+    out = tmp_path / "gold.jsonl"
+    proc = run(["--env", env, "--output", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_jsonl(out)
+    assert rows and all(r["score"] == 1.0 for r in rows)
+    assert f"{len(rows)} scored 1, 0 did not" in proc.stdout
+
+
+def test_env_gold_check_fails_on_a_wrong_reference(tmp_path):
+    env_file = tmp_path / "bad_env.py"
+    env_file.write_text(
+        "from rlvr.envs.base import Task, TextEnv\n"
+        "from rlvr.verifiers.types import Verdict\n\n"
+        "class BadGold(TextEnv):\n"
+        "    num_tasks = 3\n"
+        "    def get_task(self, index):\n"
+        "        return Task(task_id=f't{index}', prompt='say 1', reference='1', gold='2')\n"
+        "    def verify(self, completion, task):\n"
+        "        ok = completion.strip() == task.reference\n"
+        "        return Verdict(float(ok), completion, 'correct' if ok else 'wrong answer')\n",
+        encoding="utf-8",
+    )
+    proc = run(["--env", f"{env_file}:BadGold"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 did not" in proc.stdout
