@@ -72,14 +72,25 @@ def test_failures_become_results(pool, fn, arg, status, error_part):
     assert [r.value for r in pool.map(abs, [-1, -2, -3], timeout=5)] == [1, 2, 3]
 
 
-def test_soft_timeout_keeps_the_worker(pool):
-    pids = pool.pids()
-    start = time.monotonic()
-    results = pool.map(time.sleep, [30, 0], timeout=0.5)
-    elapsed = time.monotonic() - start
-    assert [r.status for r in results] == ["timeout", "ok"]
-    assert elapsed < 0.5 + 2.0
-    assert pool.kills == 0 and pool.pids() == pids
+@pytest.mark.parametrize("exit_after_timeout", [True, False], ids=["fresh-worker", "same-worker"])
+def test_soft_timeout_needs_no_kill(exit_after_timeout, tmp_path):
+    path = str(tmp_path / "log")
+    with WorkerPool(1, chunk_size=8, exit_after_timeout=exit_after_timeout) as pool:
+        assert pool.wait_ready(60)
+        pids = pool.pids()
+        start = time.monotonic()
+        slept = pool.map(time.sleep, [30, 0], timeout=0.5)
+        elapsed = time.monotonic() - start
+        assert [r.status for r in slept] == ["timeout", "ok"]
+        assert elapsed < 0.5 + 2.0
+        assert pool.kills == 0
+        assert (pool.pids() != pids) == exit_after_timeout
+        # The items after the timed-out one ran exactly once, in whichever worker.
+        args = [(path, i, False) for i in range(4)]
+        pool.submit(time.sleep, 30, timeout=0.2)
+        assert [r.value for r in pool.map(record_then_maybe_hang, args, timeout=5)] == [0, 1, 2, 3]
+    with open(path) as f:
+        assert sorted(int(line) for line in f) == [0, 1, 2, 3]
 
 
 def test_hang_in_c_kills_the_worker_and_the_pool_recovers(pool):

@@ -3,16 +3,25 @@ r"""Math answers judged by math-verify, in killable worker processes.
 What is compared:
 
 - the completion's answer is the content of its last well-formed ``\boxed{...}`` (or
-  ``\fbox{...}``), brace-matched here, not by regex; without a box, math-verify's own
-  extraction (``LatexExtractionConfig`` and ``ExprExtractionConfig``: the last
-  ``$...$``/``\[...\]`` or plain expression) runs on the last ``_TAIL_CHARS`` characters;
+  ``\fbox{...}``), brace-matched here with bounded work, not by regex; without a box,
+  math-verify's own extraction (``LatexExtractionConfig`` and ``ExprExtractionConfig``:
+  the last ``$...$``/``\[...\]`` or plain expression) runs on the last ``_TAIL_CHARS``
+  characters;
 - the reference may be a bare answer (``3/4``, ``\frac{3}{4}``, ``(1, 2)``,
-  ``\left( 3, \frac{\pi}{2} \right)``) or a whole solution with a ``\boxed{}``; a bare
-  answer is parsed as ``\boxed{answer}``, because math-verify reads a bare ``(1, 2)`` as
-  the number 2;
+  ``\left( 3, \frac{\pi}{2} \right)``), parsed as ``\boxed{answer}`` because math-verify
+  reads a bare ``(1, 2)`` as the number 2; or text with LaTeX delimiters or a box
+  (``$(1,2)$``, a whole solution), which math-verify's extraction reads as it is;
 - equivalence is math-verify's ``verify(gold, answer)`` (gold first: the function is not
   symmetric) with its defaults: fractions, decimals to 6 places, radicals, tuples, sets,
   intervals, symbolic expressions.
+
+Two departures, both to agree with math-verify on its own test cases: boxes that
+math-verify's ``extract_boxed_content`` would join to the last one (under 10 characters
+apart, or under 70 with "and"/"or"/","/";" between) are joined with commas, so
+``\boxed{1} and \boxed{2}`` is the set {1, 2}; and the last box wins over math-verify's
+"The final answer is $x$. I hope" pattern, which math-verify ranks above boxes (the one
+disagreement left on its near-default cases). A boxed answer that is the bare reference
+verbatim is scored 1 in the caller without math-verify (it would agree).
 
 Why worker processes: sympy can hang in C code on hostile input (towers of powers, huge
 nesting) where no signal is delivered, and math-verify's own timeouts use
@@ -218,11 +227,16 @@ def _prepare(completion: str, answer: str) -> _Prepared:
     box = _answer_box(completion)
     if box.too_long:
         return _Prepared(None, Verdict(0.0, None, "answer too long"))
+    gold = _gold_text(answer)
+    if box.content is not None and gold == f"\\boxed{{{box.content}}}":
+        # The boxed text is the reference verbatim: math-verify would agree, and skipping
+        # it (no sympy, no pipe) makes the common correct answer in GRPO ~free.
+        return _Prepared(None, Verdict(1.0, box.content, "correct"))
     if box.content is not None:
         candidate = f"\\boxed{{{box.content}}}"
     else:
         candidate = completion[-_TAIL_CHARS:]
-    return _Prepared(MathItem(candidate, _gold_text(answer)), boxed=box.content)
+    return _Prepared(MathItem(candidate, gold), boxed=box.content)
 
 
 _FAILURE_REASONS = {

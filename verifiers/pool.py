@@ -14,8 +14,9 @@ so the dispatcher always knows which item a worker is running and since when. Tw
 timeouts guard an item:
 
 - soft, inside the worker: ``signal.setitimer`` raises in the worker's main thread after
-  ``timeout`` seconds, which ends pure-Python loops (most of sympy) without losing the
-  process;
+  ``timeout`` seconds, which ends pure-Python loops (most of sympy) at once; the worker
+  reports the timeout, then (by default) exits so that a fresh one, with no cache left
+  half-written by the interrupted item, takes its place;
 - hard, in the dispatcher: after ``timeout + kill_grace`` seconds the worker is SIGKILLed
   and a fresh one is started. The hung item gets a ``timeout`` result; the items of its
   chunk that had not started are put back at the head of the queue and run elsewhere.
@@ -88,6 +89,7 @@ class ItemResult:
 class _WorkerConfig:
     memory_limit_bytes: int | None  # RLIMIT_AS of each worker
     preload: tuple[str, ...]  # modules imported before the worker reports ready
+    exit_after_timeout: bool  # leave no half-updated cache behind an interrupted item
 
 
 @dataclass
@@ -130,13 +132,16 @@ class WorkerPool:
         startup_timeout: float = 120.0,
         preload: Sequence[str] = (),
         max_items_per_worker: int | None = 20_000,
+        exit_after_timeout: bool = True,
         start_method: str = "forkserver",
     ) -> None:
         """Start ``workers`` processes (default: the number of CPUs).
 
         ``memory_limit_mb`` is each worker's address-space cap; ``preload`` names modules
         a worker imports before it reports ready; ``max_items_per_worker`` retires a worker
-        after that many items to bound slow leaks (sympy caches, antlr state).
+        after that many items to bound slow leaks (sympy caches, antlr state);
+        ``exit_after_timeout`` replaces a worker whose item hit the soft timeout, so that
+        no verdict depends on state an interrupted computation left half-written.
         """
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.chunk_size = max(1, chunk_size)
@@ -147,6 +152,7 @@ class WorkerPool:
         self._worker_config = _WorkerConfig(
             memory_limit_bytes=memory_limit_mb * 2**20 if memory_limit_mb else None,
             preload=tuple(preload),
+            exit_after_timeout=exit_after_timeout,
         )
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()
@@ -321,6 +327,8 @@ class WorkerPool:
         if kind == "ready":
             worker.ready = True
             self._startup_failures = 0
+        elif kind == "exit":  # after a soft timeout; the rest of its chunk never started
+            self._retire(worker, None, "")
         elif kind == "failed":  # worker setup raised (bad preload, rlimit refused)
             worker.ready = False
             self._startup_error = message[1]
@@ -529,3 +537,6 @@ def _worker_main(conn: Connection, config: _WorkerConfig) -> None:
                 conn.send(("result", chunk_id, position, status, value, error))
             except Exception as e:  # noqa: BLE001 - an unpicklable return value
                 conn.send(("result", chunk_id, position, "error", None, f"unpicklable result: {e}"))
+            if status == "timeout" and config.exit_after_timeout:
+                conn.send(("exit",))
+                return
