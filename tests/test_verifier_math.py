@@ -163,9 +163,15 @@ def test_worker_killed_from_outside_is_replaced():
     victims = pool.pids()
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
-    verdicts = verify_math_batch([r"\boxed{6}"] * 8, ["6"] * 8)
+    # Not verbatim ("6"), so that math-verify runs in the pool rather than the fast path.
+    verdicts = verify_math_batch([r"\boxed{\frac{12}{2}}"] * 8, ["6"] * 8)
     assert all(v.reason == "correct" for v in verdicts)
     assert not set(pool.pids()) & set(victims)
+
+
+def test_verbatim_answer_needs_no_worker():
+    verdict = verify_math(r"so \boxed{\text{Evelyn}}", r"\text{Evelyn}")
+    assert (verdict.score, verdict.parsed) == (1.0, r"\text{Evelyn}")
 
 
 def test_mismatched_lengths_raise():
