@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,23 @@ def test_process_limit_is_enforced(level, marker):
     limits = SandboxLimits(timeout=10.0, max_processes=16)
     run = run_in_sandbox(program, [""], mode="io", limits=limits, isolation=level)
     assert int(run.of_kind("io")[0]["stdout"]) < 16
+
+
+def test_process_limit_is_per_sandbox_with_namespaces(marker):
+    """Each sandbox has its own user namespace, so concurrent ones do not share the count."""
+    if _available("namespaces") is not None:
+        pytest.skip("namespaces level unavailable here")
+    program = PRELUDE.format(marker=marker) + textwrap.dedent("""\
+        started = 0
+        for _ in range(12):
+            if os.fork() == 0:
+                time.sleep(3)
+                os._exit(0)
+            started += 1
+        print(started)
+        """)
+    limits = SandboxLimits(timeout=20.0, max_processes=16)
+    with ThreadPoolExecutor(6) as pool:  # 6 x 13 processes of uid 65534 at once, cap 16
+        runs = list(pool.map(lambda _: run_in_sandbox(
+            program, [""], mode="io", limits=limits, isolation="namespaces"), range(6)))
+    assert [r.of_kind("io")[0]["stdout"] for r in runs] == [b"12\n"] * 6

@@ -108,6 +108,10 @@ VERDICT_CASES = [
     ("memory-limit", fence("def add(a, b):\n    return len(bytearray(8 * 2**30))"), ADD_TESTS,
      0.0, "memory limit"),
     ("io-memory-limit", fence("x = bytearray(8 * 2**30)"), SUM_IO, 0.0, "memory limit"),
+    ("file-size-limit", fence("open('big', 'w').write('x' * (20 << 20))\nprint(3)"), SUM_IO[:1],
+     0.0, "tests failed: 1/1"),
+    ("io-stdin-bigger-than-file-limit", fence("import sys\nprint(len(sys.stdin.read()))"),
+     [{"input": "x" * (20 << 20), "output": str(20 << 20)}], 1.0, "passed"),
     ("output-limit", fence("while True:\n    print('x' * 10000)"), ADD_TESTS, 0.0,
      "output limit"),
     ("io-output-limit", fence("while True:\n    print('x' * 10000)"), SUM_IO, 0.0,
@@ -130,6 +134,8 @@ def test_timeout_is_bounded(tests):
     verdict = verify_code(fence("while True:\n    pass"), tests, timeout=1.0)
     assert (verdict.score, verdict.reason) == (0.0, "timeout")
     assert time.monotonic() - start < 5.0
+    result = run_tests("import time\ntime.sleep(60)", tests, timeout=1.0)
+    assert result.failures[0] == "timeout" and result.passed == 0
 
 
 def test_run_tests_reports_each_failure():

@@ -30,6 +30,7 @@ pipe, and the verdict needs a record for every test plus a final ``done`` record
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -190,8 +191,7 @@ def run_tests(program: str, tests: Sequence[str] | Sequence[dict], *,
     Raises ValueError for malformed ``tests`` (a reference problem, not a model one).
     """
     mode, sandbox_tests, expected = _split_tests(tests)
-    base = limits or SandboxLimits()
-    limits = SandboxLimits(**{**base.__dict__, "timeout": timeout})
+    limits = dataclasses.replace(limits or SandboxLimits(), timeout=timeout)
     run = run_in_sandbox(program, sandbox_tests, mode=mode, limits=limits,
                          isolation=isolation)
     total = len(sandbox_tests)

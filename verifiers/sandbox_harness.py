@@ -46,6 +46,7 @@ _AT_RECURSIVE = 0x8000
 _SYS_MOUNT_SETATTR = 442  # same number on every architecture (added in Linux 5.12)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWUSER = 0x10000000
 
 
 def _read_all(fd):
@@ -123,41 +124,92 @@ def _isolate_filesystem(ctypes, libc, setup):
             _check(ctypes, rc, "mount tmpfs on " + target)
 
 
-def _setup(setup, limits):
-    """Namespaces (if any), scratch dir, rlimits, then drop privileges; raises on failure."""
-    ctypes = libc = None
-    if setup["pid_ns"] or setup["uid"] is not None:
-        ctypes, libc = _libc()
-    if setup["pid_ns"]:
-        _isolate_filesystem(ctypes, libc, setup)
-    elif setup["keeper"]:
-        _keep()
-    os.chdir(setup["workdir"])
+def _set_limits(limits):
     for name, value in limits.items():
         which = getattr(resource, name)
         hard = resource.getrlimit(which)[1]
         if hard != resource.RLIM_INFINITY:  # an unprivileged caller may not raise it
             value = min(value, hard)
         resource.setrlimit(which, (value, value))
+
+
+def _setup(setup, limits):
+    """Namespaces (if any), scratch dir, rlimits, then drop privileges; raises on failure."""
+    ctypes = libc = None
+    if setup["pid_ns"] or setup["uid"] is not None:
+        ctypes, libc = _libc()
+    if setup["pid_ns"] and setup["uid"] is not None:
+        _split_user_namespace(ctypes, libc, setup)  # returns in the child only
+    elif setup["pid_ns"]:
+        _isolate_filesystem(ctypes, libc, setup)
+    elif setup["keeper"]:
+        _keep()
+    os.chdir(setup["workdir"])
+    _set_limits(limits)
     if setup["uid"] is not None:
         os.setgroups([])
         os.setgid(setup["gid"])
         os.setuid(setup["uid"])
     if libc is not None:
         _check(ctypes, libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        # Changing uid cleared the parent-death signal that `unshare --kill-child` set;
-        # re-arm it so that killing the `unshare` process still ends the sandbox.
+        # Changing uid clears the parent-death signal; re-arm it (outside a PID namespace
+        # it is what ends the run if our parent dies; inside, init's exit does that).
         _check(ctypes, libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+
+
+def _exit_like(pid):
+    """Wait for child ``pid`` and exit with its status (128 + signal if it was killed)."""
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
 def _keep():
     """Fallback mode: stay behind as the program's parent, so `kill(getppid())` hits us."""
     pid = os.fork()
+    if pid != 0:
+        _exit_like(pid)
+
+
+def _split_user_namespace(ctypes, libc, setup):
+    """Fork; the child enters a fresh user namespace, the parent stays PID 1 as root.
+
+    Only the sandbox uid/gid are mapped in it (to the same ids outside), so after the
+    child drops to them its processes are charged to this namespace: RLIMIT_NPROC then
+    counts this sandbox's processes only, not those of every sandbox using uid 65534.
+    The parent writes the maps (while /proc is still writable), makes the filesystem
+    read-only, lets the child go on, and exits with the child's status. It owns the
+    mount namespace, so the child, without capabilities there, cannot undo the mounts.
+    """
+    to_parent_r, to_parent_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    pid = os.fork()
     if pid == 0:
+        os.close(to_parent_r)
+        os.close(to_child_w)
+        rc = libc.unshare(_CLONE_NEWUSER)
+        errno = ctypes.get_errno()
+        os.write(to_parent_w, b"1" if rc == 0 else b"0")
+        os.close(to_parent_w)
+        if rc != 0:
+            raise OSError(errno, "unshare(CLONE_NEWUSER): " + os.strerror(errno))
+        if os.read(to_child_r, 1) != b"1":
+            raise OSError("the namespace init failed to set up the sandbox")
+        os.close(to_child_r)
         return
-    _, status = os.waitpid(pid, 0)
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-    os._exit(code)
+    os.close(to_parent_w)
+    os.close(to_child_r)
+    go = b"0"
+    try:
+        if os.read(to_parent_r, 1) == b"1":  # else the child reports its own error
+            for name, ident in (("uid_map", setup["uid"]), ("gid_map", setup["gid"])):
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(f"{ident} {ident} 1\n")
+            _isolate_filesystem(ctypes, libc, setup)
+            go = b"1"
+    finally:
+        os.write(to_child_w, go)
+        os.close(to_child_w)
+    _exit_like(pid)
 
 
 def _run_asserts(program, tests, emit):
@@ -187,10 +239,11 @@ def _run_asserts(program, tests, emit):
             emit(kind="test", index=index, ok=True)
 
 
-def _child_main(code, program):
+def _child_main(code, program, child_limits):
     """In a forked child: run the program as __main__ on fds 0/1; never returns."""
     status = 0
     try:
+        _set_limits(child_limits)
         sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
         sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
         sys.argv = ["program"]
@@ -267,7 +320,7 @@ def _capture(read_fd, pid, cap, pid_ns):
     return bytes(data[:cap]), overflow, status
 
 
-def _run_io(program, inputs, emit, result_fd, setup, cap):
+def _run_io(program, inputs, emit, result_fd, setup, cap, child_limits):
     try:
         code = compile(program, "<program>", "exec")
     except BaseException as exc:
@@ -282,7 +335,7 @@ def _run_io(program, inputs, emit, result_fd, setup, cap):
             os.close(read_fd)
             os.dup2(in_fd, 0)
             os.dup2(write_fd, 1)
-            _child_main(code, program)
+            _child_main(code, program, child_limits)
         os.close(write_fd)
         os.close(in_fd)
         out, overflow, status = _capture(read_fd, pid, cap, setup["pid_ns"])
@@ -302,23 +355,27 @@ def main():
     payload = marshal.loads(_read_all(payload_fd))
     os.close(payload_fd)
     nonce = payload["nonce"]
+    mode = payload["mode"]
 
     def emit(**record):
         record["nonce"] = nonce
         _write_all(result_fd, (_repr(record) + "\n").encode("utf-8", "backslashreplace"))
 
     try:
-        _setup(payload["setup"], payload["limits"])
+        limits = dict(payload["limits"])
+        # In io mode the file-size cap waits for the child, so that the harness can put
+        # a stdin bigger than the cap into its memfd.
+        child_limits = {"RLIMIT_FSIZE": limits.pop("RLIMIT_FSIZE")} if mode == "io" else {}
+        _setup(payload["setup"], limits)
     except BaseException as exc:
         emit(kind="setup_error", error=_short(f"{type(exc).__name__}: {exc}"))
         os._exit(_EXIT_SETUP_FAILED)
     emit(kind="ready")  # before any user code: its absence means the sandbox never started
-    mode = payload["mode"]
     if mode == "asserts":
         _run_asserts(payload["program"], payload["tests"], emit)
     elif mode == "io":
         _run_io(payload["program"], payload["tests"], emit, result_fd, payload["setup"],
-                payload["output_cap"])
+                payload["output_cap"], child_limits)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
