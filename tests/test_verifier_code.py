@@ -227,3 +227,8 @@ def test_humaneval_canonical_passes_and_return_none_fails(humaneval_problems):
                         _humaneval_tests(humaneval_problems[0])).failures[0]
     assert failure.startswith("test 0: AssertionError at line ")
     assert "assert candidate(" in failure
+
+
+def test_timeout_before_the_sandbox_starts_is_a_verdict():
+    result = run_tests("def add(a, b):\n    return a + b\n", ADD_TESTS, timeout=0.001)
+    assert (result.passed, result.reason, result.failures[0]) == (0, "timeout", "timeout")

@@ -70,6 +70,7 @@ What is NOT isolated, at any level:
 from __future__ import annotations
 
 import ast
+import logging
 import marshal
 import os
 import secrets
@@ -85,6 +86,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
 
 ISOLATION_LEVELS = ("namespaces", "user-namespaces", "process-group")
 SANDBOX_UID = 65534  # nobody
@@ -199,7 +202,13 @@ def run_in_sandbox(program: str, tests: list[str], *, mode: Mode,
 def _backend(level: str | None = None) -> _Backend:
     with _backend_lock:
         if level not in _backend_cache:
-            _backend_cache[level] = _probe(level or os.environ.get("RLVR_SANDBOX_ISOLATION"))
+            backend = _probe(level or os.environ.get("RLVR_SANDBOX_ISOLATION"))
+            if level is None and os.geteuid() == 0 and backend.level != "namespaces":
+                logger.warning(
+                    "code sandbox runs at the weaker %r level as root (with %s); if no "
+                    "interpreter readable by uid 65534 was found, set RLVR_SANDBOX_PYTHON",
+                    backend.level, backend.python)
+            _backend_cache[level] = backend
         return _backend_cache[level]
 
 
@@ -307,10 +316,10 @@ def _run(backend: _Backend, mode: str, program: str, tests: list[str],
         if not namespaced:
             _remove_tree(workdir)
     records, valid = _parse_records(streams.result, nonce)
-    if valid and records[:1] == [] and not streams.timed_out and not streams.overflow:
+    if valid and not records and not streams.timed_out and not streams.overflow:
         raise SandboxError(f"{backend.level} sandbox did not start (exit "
                            f"{proc.returncode}): {streams.stderr[-500:]!r}")
-    if valid and records[0].get("kind") == "setup_error":
+    if valid and records and records[0].get("kind") == "setup_error":
         raise SandboxError(f"{backend.level} sandbox setup failed: {records[0].get('error')}")
     return SandboxRun(records=records, valid=valid, stdout=streams.stdout,
                       stderr=streams.stderr, returncode=proc.returncode,
