@@ -23,13 +23,14 @@ apart, or under 70 with "and"/"or"/","/";" between) are joined with commas, so
 disagreement left on its near-default cases). A boxed answer that is the bare reference
 verbatim is scored 1 in the caller without math-verify (it would agree).
 
-Why worker processes: sympy can hang in C code on hostile input (towers of powers, huge
-nesting) where no signal is delivered, and math-verify's own timeouts use
-``signal.alarm``, which only works in a main thread. So math-verify's timeouts are off
-(``None``) and each item runs in :mod:`rlvr.verifiers.pool`, whose workers raise a soft
-timeout in their main thread and are SIGKILLed at ``timeout + 0.5 s``. Either way the
-verdict is ``Verdict(0, ..., "timeout")``, and the call is safe from any thread and from
-asyncio.
+Why worker processes: sympy can run for ever on hostile input (towers of powers, huge
+nesting), sometimes inside C code where no signal handler runs (its gmpy2 or flint
+backends, when installed), and math-verify's own timeouts use ``signal.alarm``, which only
+works in a main thread. So math-verify's timeouts are off (``None``) and each item runs in
+:mod:`rlvr.verifiers.pool`, whose workers raise a soft timeout in their main thread and
+are SIGKILLed at ``timeout + 0.5 s``. Either way the verdict is
+``Verdict(0, ..., "timeout")``, and the call is safe from any thread and from asyncio.
+The bound counts from when a worker starts the item, not from when the call was made.
 
 Reasons: "correct", "wrong answer", "no answer found", "timeout", and rarer ones:
 "answer too long" (a box over ``_MAX_ANSWER_CHARS`` characters is not parsed at all),

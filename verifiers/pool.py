@@ -2,9 +2,13 @@ r"""A pool of killable worker processes with a per-item wall-clock timeout.
 
 Why not ``multiprocessing.Pool`` or ``concurrent.futures.ProcessPoolExecutor``: neither can
 take back a task that hangs. Verifiers run sympy and math-verify on model output, and a
-completion like ``\boxed{9^{9^{9^{9^{9}}}}}`` sends CPython into a C-level big-integer
-power that no signal interrupts. The only bound that always holds is to SIGKILL the worker
-process, so this pool owns its processes one by one and replaces any it kills.
+completion like ``\boxed{9^{9^{9^{9^{9}}}}}`` asks for a number with more digits than
+there are atoms in the universe. A SIGALRM in the worker ends most such work (CPython's
+own big-integer code checks for signals), but not all of it: C extensions that sympy uses
+when they are installed (gmpy2, python-flint) never look at signals during a call, code
+may swallow the exception with a bare ``except``, and a worker can deadlock or crash. The
+only bound that always holds is SIGKILL, so this pool owns its processes one by one and
+replaces any it kills.
 
 How it works. Callers submit ``(fn, arg)`` items from any thread (or from asyncio through
 :meth:`WorkerPool.amap`) and get a ``concurrent.futures.Future`` per item. One dispatcher
@@ -49,13 +53,11 @@ import asyncio
 import atexit
 import collections
 import contextlib
-import ctypes
-import importlib
+import dataclasses
 import itertools
 import multiprocessing
 import os
 import pickle
-import signal
 import socket
 import threading
 import time
@@ -64,6 +66,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal
+
+from rlvr.verifiers.pool_worker import WorkerConfig, worker_main
 
 Status = Literal["ok", "error", "timeout", "crashed", "cancelled"]
 Fn = Callable[[Any], Any]  # module-level (importable by the workers) and picklable
@@ -83,13 +87,6 @@ class ItemResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-@dataclass(frozen=True)
-class _WorkerConfig:
-    memory_limit_bytes: int | None  # RLIMIT_AS of each worker
-    preload: tuple[str, ...]  # modules imported before the worker reports ready
-    exit_after_timeout: bool  # leave no half-updated cache behind an interrupted item
 
 
 @dataclass
@@ -149,7 +146,7 @@ class WorkerPool:
         self.startup_timeout = startup_timeout
         self.max_items_per_worker = max_items_per_worker
         self._ctx = multiprocessing.get_context(start_method)
-        self._worker_config = _WorkerConfig(
+        self._worker_config = WorkerConfig(
             memory_limit_bytes=memory_limit_mb * 2**20 if memory_limit_mb else None,
             preload=tuple(preload),
             exit_after_timeout=exit_after_timeout,
@@ -161,6 +158,7 @@ class WorkerPool:
         self._broken = ""
         self._startup_error = ""
         self._startup_failures = 0
+        self._warm: tuple[str, ...] = ()
         self._chunk_ids = itertools.count()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -179,7 +177,12 @@ class WorkerPool:
             raise RuntimeError("a WorkerPool cannot be used from a forked child; make a new one")
         fn_payload = pickle.dumps(fn)
         tasks = [_Task(fn_payload, pickle.dumps(arg), float(timeout)) for arg in args]
+        module = getattr(fn, "__module__", None)
         with self._lock:
+            if isinstance(module, str) and module not in self._warm:
+                # Replacement workers import it before they report ready, so a respawn
+                # after a timeout never makes the next item wait for a sympy import.
+                self._warm += (module,)
             refused = ItemResult("crashed", error=self._broken) if self._broken else None
             if self._closing:
                 refused = ItemResult("cancelled", error="pool closed")
@@ -237,9 +240,10 @@ class WorkerPool:
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        config = dataclasses.replace(self._worker_config, warm=self._warm)
         process = self._ctx.Process(
-            target=_worker_main,
-            args=(child_conn, self._worker_config),
+            target=worker_main,
+            args=(child_conn, config),
             name="rlvr-verifier-worker",
             daemon=True,
         )
@@ -459,84 +463,3 @@ def _forget_shared_pools_in_child() -> None:
 
 atexit.register(shutdown_shared_pools)
 os.register_at_fork(after_in_child=_forget_shared_pools_in_child)
-
-
-# ---------------------------------------------------------------- worker side
-
-
-class _SoftTimeout(BaseException):  # not Exception: sympy's `except Exception` must not eat it
-    """Raised by SIGALRM in a worker when its item's time is up."""
-
-
-def _raise_soft_timeout(signum: int, frame: object) -> None:
-    raise _SoftTimeout
-
-
-def _die_with_parent() -> None:
-    # Linux only, best effort: SIGKILL this worker when its parent (the forkserver, which
-    # exits with the pool's process) dies, so a worker stuck in C code is never orphaned.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-def _setup_worker(config: _WorkerConfig) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    _die_with_parent()
-    if config.memory_limit_bytes:
-        import resource
-
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        soft = config.memory_limit_bytes if hard < 0 else min(config.memory_limit_bytes, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    for name in config.preload:
-        importlib.import_module(name)
-    signal.signal(signal.SIGALRM, _raise_soft_timeout)
-
-
-def _run_one(fn: Fn | None, fn_error: str, payload: bytes, timeout: float) -> tuple:
-    """Run one item under the soft timer; return ``(status, value, error)``."""
-    if fn is None:
-        return "error", None, fn_error
-    try:
-        signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-3))
-        try:
-            return "ok", fn(pickle.loads(payload)), ""
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _SoftTimeout:
-        return "timeout", None, "timed out"
-    except BaseException as e:  # noqa: BLE001 - any failure of fn is that item's result
-        return "error", None, f"{type(e).__name__}: {e}"[:500]
-
-
-def _worker_main(conn: Connection, config: _WorkerConfig) -> None:
-    """Loop: receive a chunk, stream ``start`` then one ``result`` per item."""
-    try:
-        _setup_worker(config)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which gives up after a few
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
-        return
-    conn.send(("ready",))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        chunk_id, fn_payload, arg_payloads, timeout = message
-        fn, fn_error = None, ""
-        try:
-            fn = pickle.loads(fn_payload)
-        except BaseException as e:  # noqa: BLE001 - e.g. the function's module is not importable
-            fn_error = f"cannot load function: {type(e).__name__}: {e}"
-        conn.send(("start", chunk_id))
-        for position, payload in enumerate(arg_payloads):
-            status, value, error = _run_one(fn, fn_error, payload, timeout)
-            try:
-                conn.send(("result", chunk_id, position, status, value, error))
-            except Exception as e:  # noqa: BLE001 - an unpicklable return value
-                conn.send(("result", chunk_id, position, "error", None, f"unpicklable result: {e}"))
-            if status == "timeout" and config.exit_after_timeout:
-                conn.send(("exit",))
-                return
