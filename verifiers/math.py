@@ -70,7 +70,7 @@ class MathItem:
     """What a worker needs: the text math-verify parses from each side."""
 
     candidate: str  # "\boxed{<answer>}" or the completion's tail
-    gold: str  # "\boxed{<reference>}"
+    gold: str  # "\boxed{<reference>}", or the reference itself when it has delimiters
 
 
 @dataclass(frozen=True)
@@ -248,15 +248,26 @@ _FAILURE_REASONS = {
 }
 
 
-def _to_verdict(prepared: _Prepared, result: ItemResult) -> Verdict:
-    if result.ok:
-        return result.value
-    return Verdict(0.0, prepared.boxed, _FAILURE_REASONS[result.status])
-
-
-def _check_lengths(completions: Sequence[str], answers: Sequence[str]) -> None:
+def _prepare_all(completions: Sequence[str], answers: Sequence[str]) -> list[_Prepared]:
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    return [_prepare(c, a) for c, a in zip(completions, answers)]
+
+
+def _assemble(prepared: list[_Prepared], results: list[ItemResult]) -> list[Verdict]:
+    """Merge pool results (one per prepared item that needed math-verify, in order)."""
+    pending = iter(results)
+    verdicts = []
+    for p in prepared:
+        if p.item is None:
+            verdicts.append(p.verdict)
+            continue
+        result = next(pending)
+        if result.ok:
+            verdicts.append(result.value)
+        else:  # parsed: the boxed text, if any, so a timeout still shows what was tried
+            verdicts.append(Verdict(0.0, p.boxed, _FAILURE_REASONS[result.status]))
+    return verdicts
 
 
 def verify_math_batch(
@@ -272,12 +283,10 @@ def verify_math_batch(
     0.5 s later if it does not stop by itself); ``workers`` picks the shared pool's size
     (default: ``$RLVR_VERIFIER_WORKERS`` or the CPU count).
     """
-    _check_lengths(completions, answers)
-    prepared = [_prepare(c, a) for c, a in zip(completions, answers)]
-    todo = [p for p in prepared if p.item is not None]
-    results = shared_pool(workers).map(verify_item, [p.item for p in todo], timeout=timeout)
-    done = dict(zip(map(id, todo), results))
-    return [p.verdict if p.item is None else _to_verdict(p, done[id(p)]) for p in prepared]
+    prepared = _prepare_all(completions, answers)
+    items = [p.item for p in prepared if p.item is not None]
+    results = shared_pool(workers).map(verify_item, items, timeout=timeout) if items else []
+    return _assemble(prepared, results)
 
 
 async def averify_math_batch(
@@ -288,13 +297,10 @@ async def averify_math_batch(
     workers: int | None = None,
 ) -> list[Verdict]:
     """Asyncio form of :func:`verify_math_batch`; never blocks the event loop."""
-    _check_lengths(completions, answers)
-    prepared = [_prepare(c, a) for c, a in zip(completions, answers)]
-    todo = [p for p in prepared if p.item is not None]
-    pool = shared_pool(workers)
-    results = await pool.amap(verify_item, [p.item for p in todo], timeout=timeout)
-    done = dict(zip(map(id, todo), results))
-    return [p.verdict if p.item is None else _to_verdict(p, done[id(p)]) for p in prepared]
+    prepared = _prepare_all(completions, answers)
+    items = [p.item for p in prepared if p.item is not None]
+    results = await shared_pool(workers).amap(verify_item, items, timeout=timeout) if items else []
+    return _assemble(prepared, results)
 
 
 def verify_math(completion: str, answer: str, *, timeout: float = 5.0) -> Verdict:

@@ -260,6 +260,10 @@ class WorkerPool:
                 self._assign_work()
                 self._wait_and_handle()
                 self._enforce_deadlines()
+        except BaseException as e:  # a bug here must not leave callers waiting for ever
+            with self._lock:
+                self._broken = f"pool dispatcher failed: {type(e).__name__}: {e}"
+            raise
         finally:
             self._shutdown()
 
