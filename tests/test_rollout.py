@@ -10,11 +10,14 @@ from __future__ import annotations
 import gymnasium
 import pytest
 import torch
+from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
 from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.trainer.generation import TransformersGenerator
+from rlvr.trainer.learner import TorchLearner
 from rlvr.trainer.logprobs import sequence_logprobs
+from rlvr.trainer.losses import LossInputs, make_loss_fn
 from rlvr.trainer.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
 from rlvr.trainer.types import SamplingParams
 
@@ -174,3 +177,47 @@ def test_micro_batches_are_trimmed_slices(generator, tokenizer, renderer):
     for p in parts:
         assert p.attention_mask[:, -1].any()  # no all-padding column left at the end
         assert p.num_tokens == batch.num_tokens
+
+
+def test_two_training_steps_on_code_multiturn(tokenizer, renderer):
+    """The real multi-turn code env: test feedback is context, never a training target."""
+    generator = TransformersGenerator(build_tiny_model(tokenizer, seed=1, **TEST_SIZE.__dict__), tokenizer)
+    groups, group_size = 1, 2
+    envs = [make_env("code-multiturn", max_turns=2) for _ in range(groups * group_size)]
+    learner = TorchLearner(generator.model, make_loss_fn(), learning_rate=1e-3)
+    for step in range(2):
+        tasks = [TaskRef(index=step, seed=step)]
+        params = SamplingParams(max_new_tokens=12, seed=step)
+        rollouts = collect_rollouts(envs, generator, tokenizer, renderer, tasks, group_size, params, 4096)
+        episodes = rollouts.episodes
+        assert all(e.num_turns == 2 for e in episodes)  # a random model fails, gets feedback, retries
+        adv = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], SCALES["group"])
+        batch = pack_episodes(episodes, [a for g in adv for a in g], tokenizer.pad_token_id)
+        targets = batch.input_ids[:, 1:]
+        for i, episode in enumerate(episodes):
+            prompt_cols = len(episode.prompt_ids) - 1
+            real = batch.attention_mask[i, 1:].bool()
+            env_cols = real & ~batch.loss_mask[i].bool()
+            env_cols[:prompt_cols] = False
+            feedback = tokenizer.decode(targets[i][env_cols].tolist())
+            assert "Your program passed" in feedback or "not correct" in feedback, feedback
+            assert batch.loss_mask[i].sum() == episode.num_model_tokens == len(episode.token_ids) - env_cols.sum()
+        # The loss does not depend on the logprobs of environment tokens: with advantages
+        # forced non-zero, their gradient is exactly zero and the model tokens' is not.
+        logprobs = batch.behavior_logprobs.clone().requires_grad_()
+        out = make_loss_fn()(
+            LossInputs(
+                logprobs=logprobs,
+                old_logprobs=batch.behavior_logprobs,
+                behavior_logprobs=batch.behavior_logprobs,
+                advantages=torch.ones_like(logprobs),
+                loss_mask=batch.loss_mask,
+            )
+        )
+        out.loss.backward()
+        assert (logprobs.grad[batch.loss_mask == 0] == 0).all()
+        assert (logprobs.grad[batch.loss_mask == 1] != 0).all()
+        metrics = learner.step(batch)
+        assert metrics["train_tokens"] == sum(e.num_model_tokens for e in episodes)
+        assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert learner.version == 2

@@ -42,7 +42,7 @@ class TrainBatch:
     num_tokens: int
     """Trainable tokens (``loss_mask.sum()``) over the whole optimizer batch."""
     old_logprobs: torch.Tensor | None = None
-    """[B, T-1] log pi_prox, filled in by the learner before its first step on the batch."""
+    """[B, T-1] log pi_prox, filled in by the learner before its first step (num_iterations > 1)."""
     ref_logprobs: torch.Tensor | None = None
     """[B, T-1] log pi_ref of the frozen reference model, filled in by the learner."""
 

@@ -4,7 +4,10 @@
 
 1. score the batch once with the current weights, without gradients: these are
    ``old_logprobs`` (pi_prox), kept fixed for the whole step; likewise ``ref_logprobs``
-   from the frozen reference model when ``beta > 0``;
+   from the frozen reference model when ``beta > 0``. With ``num_iterations == 1`` the
+   extra pass is skipped: pi_prox is then the detached log-probabilities of the one
+   gradient pass, which are the same numbers (same weights, same batch), one forward
+   pass cheaper (TRL does the same);
 2. ``num_iterations`` times: for each micro-batch, score again with gradients, compute
    the loss (the function chosen once at setup, see ``losses.py``) and backpropagate;
    then clip the global gradient norm and take one AdamW step.
@@ -80,7 +83,7 @@ class TorchLearner:
         if batch.num_tokens == 0:  # everything masked (e.g. all truncated): nothing to learn
             self.version += 1
             return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self.optimizer.param_groups[0]["lr"]}
-        if batch.old_logprobs is None:
+        if batch.old_logprobs is None and self.num_iterations > 1:
             batch.old_logprobs = self._score(self.model, batch)
         if self.ref_model is not None and batch.ref_logprobs is None:
             batch.ref_logprobs = self._score(self.ref_model, batch)
@@ -179,10 +182,10 @@ class TorchLearner:
 
 
 def _loss_inputs(mb: TrainBatch, logprobs: torch.Tensor) -> LossInputs:
-    assert mb.old_logprobs is not None  # set by TorchLearner.step before any micro-batch
     return LossInputs(
         logprobs=logprobs,
-        old_logprobs=mb.old_logprobs,
+        # None only with num_iterations == 1: pi_prox is the current policy itself.
+        old_logprobs=mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach(),
         behavior_logprobs=mb.behavior_logprobs,
         advantages=mb.advantages,
         loss_mask=mb.loss_mask,

@@ -94,12 +94,23 @@ def timing_metrics(
 
 
 class MetricsWriter:
-    """Appends one JSON object per step to a JSONL file, durably."""
+    """Writes one JSON object per step to a JSONL file, durably.
 
-    def __init__(self, path: str | Path):
+    A fresh run (``resume_step`` None) starts the file over; a resumed run keeps the
+    records up to its checkpoint's step and drops any written after it (steps that ran
+    past the last checkpoint before a crash, and will now run again).
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step]
+        self._file = self.path.open("w", encoding="utf-8")
+        for record in kept:
+            self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
 
     def write(self, record: dict[str, float | int | str]) -> None:
         # NaN is not JSON; write null so every line parses with any JSON reader.

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Train a language model with GRPO on an rlvr environment.
+
+    python scripts/train.py --env gsm8k --max-steps 2                 # offline, CPU, default model
+    python scripts/train.py --env arithmetic --max-steps 60 --output-dir runs/arith
+    python scripts/train.py --config run.yaml --learning-rate 1e-6    # flags override the file
+    python scripts/train.py --env gsm8k --output-dir runs/arith --resume   # continue the latest checkpoint
+
+Every flag is a field of ``rlvr.trainer.config.TrainConfig`` (``--help`` lists them with
+their docstrings). Writes ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per step) and
+``OUTPUT_DIR/checkpoints/step_N/``. The loop itself is ``rlvr.trainer.grpo.train``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rlvr.trainer.config import config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(argv)
+    from rlvr.trainer.grpo import train  # after parsing, so --help and flag errors are instant
+
+    try:
+        result = train(config)
+    except FileNotFoundError as e:  # e.g. --resume with no checkpoint: a usage error, not a crash
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = result.last_metrics
+    reward = f", last reward_mean {last['reward_mean']:.3f}" if last else ""
+    print(f"done: {result.steps} steps{reward}; metrics {result.metrics_path}; checkpoint {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

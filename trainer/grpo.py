@@ -1,0 +1,228 @@
+"""Synchronous GRPO: rollouts, advantages, loss, step -- one loop, top to bottom.
+
+    python scripts/train.py --env arithmetic --max-steps 60
+    python scripts/train.py --env gsm8k --model Qwen/Qwen2.5-0.5B-Instruct --learning-rate 1e-6
+
+Each step samples ``P = prompts_per_step`` tasks and plays ``G = group_size`` episodes of
+each (multi-turn episodes to the end), then:
+
+    A_{i,t} = (G_{i,t} - mean_j R_j) / (std_j R_j + eps)          (advantages.py)
+    rho     = pi_theta(y) / pi_old(y)
+    J       = agg_{i,t} min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+              - beta * agg_{i,t} k3(pi_theta, pi_ref)              (losses.py)
+
+with R_j the episode return, G_{i,t} the reward-to-go from turn t (equal to R_i when only
+the final step is rewarded), ``agg`` the aggregation and k3 = pi_ref/pi - log(pi_ref/pi) - 1.
+The learner takes ``num_iterations`` AdamW steps on the batch (learner.py), and the new
+weights go to the generator.
+
+Where this departs from the GRPO paper (Shao et al. 2024):
+
+- the std is the population one, and the scale may be the batch std or none (Dr. GRPO);
+- the clip may be asymmetric (DAPO's clip-higher) and the aggregation may be per token
+  (DAPO, the default) or by a constant (Dr. GRPO) instead of per sequence;
+- ``beta`` defaults to 0 (no reference model, as in DAPO and Dr. GRPO): on a CPU that
+  halves the memory and saves a forward pass; set ``--beta 0.04`` for the paper's KL;
+- multi-turn episodes train on every model turn, with environment messages masked out.
+
+Strictly on-policy: the generator samples with the weights the learner has just written
+(``max_staleness = 0`` in the terms of the asynchronous trainer to come).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rlvr.envs.registry import make_env
+from rlvr.trainer.advantages import SCALES, turn_advantages
+from rlvr.trainer.batch import pack_episodes
+from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.default_model import load_model
+from rlvr.trainer.generation import TransformersGenerator
+from rlvr.trainer.learner import TorchLearner
+from rlvr.trainer.losses import make_loss_fn
+from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
+from rlvr.trainer.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
+from rlvr.trainer.types import SamplingParams
+from tqdm import tqdm
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` leaves behind."""
+
+    steps: int
+    """Completed training steps (including those of a resumed run)."""
+    metrics_path: Path
+    """The run's metrics.jsonl."""
+    checkpoint: Path
+    """The final checkpoint folder."""
+    last_metrics: dict[str, Any]
+    """The metrics record of the last step run by this call (empty if none ran)."""
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run GRPO as ``config`` says; return where the results are."""
+    resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
+    run = _setup(config)
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, run.learner).step
+        run.generator.update_weights(run.learner.weights_for_generation(), run.learner.version)
+    P, G = config.prompts_per_step, config.group_size
+    scale = SCALES[config.scale]
+    record: dict[str, Any] = {}
+    checkpoint = None
+    bar = tqdm(total=config.max_steps, initial=start, desc="grpo", disable=not config.progress, file=sys.stderr)
+    metrics_path = Path(config.output_dir) / "metrics.jsonl"
+    with MetricsWriter(metrics_path, resume_step=start if resume_from is not None else None) as writer:
+        for step in range(start + 1, config.max_steps + 1):
+            watch, t0 = Stopwatch(), time.perf_counter()
+            # 1. Rollouts: P tasks x G episodes, each played to its end.
+            tasks = [run.task(step, p) for p in range(P)]
+            params = dataclasses.replace(run.sampling, seed=config.seed * 1_000_003 + step)
+            rollouts = collect_rollouts(
+                run.envs, run.generator, run.tokenizer, run.renderer, tasks, G, params, run.max_context
+            )
+            # 2. Advantages: group-relative, each turn credited with its reward-to-go.
+            advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], scale)
+            # 3. Loss and optimizer step(s) on the packed batch.
+            batch = pack_episodes(
+                rollouts.episodes, [a for g in advantages for a in g], run.pad_id, config.mask_truncated
+            )
+            with watch.time("learning"):
+                learned = run.learner.step(batch)
+                # 4. The generator samples the next step with the new weights.
+                run.generator.update_weights(run.learner.weights_for_generation(), run.learner.version)
+            # 5. Log, checkpoint.
+            stats = rollout_metrics(rollouts)
+            record = {"step": step, **stats, **learned}
+            record |= timing_metrics(
+                stats["generated_tokens"],
+                rollouts.generation_seconds,
+                rollouts.env_seconds,
+                watch.seconds["learning"],
+                time.perf_counter() - t0,
+            )
+            writer.write(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint = save_checkpoint(config.output_dir, step, run.learner, run.tokenizer, config)
+    bar.close()
+    if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
+        checkpoint = resolve_resume("latest", config.output_dir)
+    return TrainResult(
+        steps=max(start, config.max_steps),
+        metrics_path=metrics_path,
+        checkpoint=checkpoint,
+        last_metrics=record,
+    )
+
+
+class TaskSchedule:
+    """Which task each group plays.
+
+    A function of (seed, step) only, so a resumed run plays the same tasks as an
+    uninterrupted one.
+    Finite datasets are walked in a fresh shuffle each epoch; procedural environments
+    (``num_tasks`` None) take tasks 0, 1, 2, ... in order.
+    """
+
+    def __init__(self, seed: int, prompts_per_step: int, num_tasks: int | None):
+        self.seed, self.prompts_per_step, self.num_tasks = seed, prompts_per_step, num_tasks
+        self._epoch, self._order = -1, list[int]()
+
+    def __call__(self, step: int, p: int) -> TaskRef:
+        cursor = (step - 1) * self.prompts_per_step + p
+        if self.num_tasks is None:
+            return TaskRef(index=cursor, seed=self.seed + cursor)
+        epoch, offset = divmod(cursor, self.num_tasks)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, list(range(self.num_tasks))
+            random.Random(f"{self.seed}:{epoch}").shuffle(self._order)
+        return TaskRef(index=self._order[offset], seed=self.seed + cursor)
+
+
+@dataclass
+class _Run:
+    """The pieces built once at setup."""
+
+    tokenizer: Any
+    envs: list[Any]
+    generator: TransformersGenerator
+    learner: TorchLearner
+    renderer: EnvMessageRenderer
+    task: TaskSchedule
+    sampling: SamplingParams
+    pad_id: int
+    max_context: int
+
+
+def _setup(config: TrainConfig) -> _Run:
+    _seed_everything(config.seed)
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    # Environments first: a bad --env fails before a model is loaded.
+    envs = [make_env(config.env, **config.env_kwargs) for _ in range(config.prompts_per_step * config.group_size)]
+    num_tasks = getattr(envs[0].unwrapped, "num_tasks", None)
+    device = _device(config.device)
+    model, tokenizer = load_model(config.model)
+    model.to(device)
+    ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
+    loss_fn = make_loss_fn(
+        epsilon_low=config.epsilon_low,
+        epsilon_high=config.epsilon_high,
+        beta=config.beta,
+        aggregation=config.aggregation,
+        constant=float(config.max_new_tokens),
+    )
+    learner = TorchLearner(
+        model,
+        loss_fn,
+        learning_rate=config.learning_rate,
+        ref_model=ref_model,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        warmup_steps=config.warmup_steps,
+        num_iterations=config.num_iterations,
+        micro_batch_size=config.micro_batch_size,
+        temperature=config.temperature,
+    )
+    # On one device the generator and the learner share the model object: no weight copy.
+    generator = TransformersGenerator(model, tokenizer, device=device, seed=config.seed)
+    return _Run(
+        tokenizer=tokenizer,
+        envs=envs,
+        generator=generator,
+        learner=learner,
+        renderer=EnvMessageRenderer(tokenizer, set(generator.eos_ids)),
+        task=TaskSchedule(config.seed, config.prompts_per_step, num_tasks if isinstance(num_tasks, int) else None),
+        sampling=SamplingParams(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+        ),
+        pad_id=tokenizer.pad_token_id,
+        # Episodes stop growing before the model's position limit (multi-turn contexts grow).
+        max_context=int(getattr(model.config, "max_position_embeddings", 2048)),
+    )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
