@@ -7,7 +7,9 @@
    from the frozen reference model when ``beta > 0``. With ``num_iterations == 1`` the
    extra pass is skipped: pi_prox is then the detached log-probabilities of the one
    gradient pass, which are the same numbers (same weights, same batch), one forward
-   pass cheaper (TRL does the same);
+   pass cheaper (TRL does the same). This holds for the stale batches of the
+   asynchronous trainer too: pi_prox is the learner's weights before the step,
+   whatever version sampled the batch (that one is ``mu``, carried separately);
 2. ``num_iterations`` times: for each micro-batch, score again with gradients, compute
    the loss (the function chosen once at setup, see ``losses.py``) and backpropagate;
    then clip the global gradient norm and take one AdamW step.
@@ -98,7 +100,7 @@ class TorchLearner:
             self.optimizer.step()
             self.scheduler.step()
             for k, v in sums.items():
-                totals[k] += v / self.num_iterations
+                totals[k] = _reduce(k, totals.get(k), v / self.num_iterations if _is_mean(k) else v)
             totals["grad_norm"] += grad_norm / self.num_iterations
         self.version += 1
         return {
@@ -168,8 +170,11 @@ class TorchLearner:
             sums["loss"] += float(out.loss.detach())  # already normalised by whole-batch counts
             for k in _LOSS_METRICS:
                 sums[k] += float(getattr(out, k)) * n
-        for k in _LOSS_METRICS:
-            sums[k] /= max(tokens, 1.0)
+            for k, v in out.extra.items():  # objective-specific diagnostics
+                sums[k] = _reduce(k, sums.get(k), float(v) * n if _is_mean(k) else float(v))
+        for k in sums:
+            if k != "loss" and _is_mean(k):
+                sums[k] /= max(tokens, 1.0)
         return sums, entropy_sum / max(tokens, 1.0) if with_entropy else math.nan
 
     def _clip_gradients(self) -> float:
@@ -179,6 +184,22 @@ class TorchLearner:
         if not grads:
             return 0.0
         return float(torch.nn.utils.clip_grad_norm_(grads, limit))
+
+
+def _is_mean(name: str) -> bool:
+    """Whether a diagnostic is averaged (the others, ``*_max`` / ``*_min``, are extremes)."""
+    return not name.endswith(("_max", "_min"))
+
+
+def _reduce(name: str, acc: float | None, value: float) -> float:
+    """Fold ``value`` into ``acc``: sum for averaged diagnostics, max / min for extremes."""
+    if acc is None:
+        return value
+    if name.endswith("_max"):
+        return max(acc, value)
+    if name.endswith("_min"):
+        return min(acc, value)
+    return acc + value
 
 
 def _loss_inputs(mb: TrainBatch, logprobs: torch.Tensor) -> LossInputs:

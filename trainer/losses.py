@@ -22,10 +22,27 @@ micro-batches of one optimizer step add up to exactly the gradient of the whole 
 
 ``pi_prox`` (``old_logprobs``) is the learner's own policy before its step, recomputed by
 the learner; ``mu`` (``behavior_logprobs``) is the policy that sampled, as reported by the
-generator. They are kept apart so that the decoupled objective of the asynchronous trainer
-(the same surrogate, weighted by a truncated ``pi_prox / mu``) is one more entry in
-``OBJECTIVES``. Today ``mu`` only feeds a diagnostic: the k3 divergence between sampler and
-learner, which should be ~0 when generator and learner agree on the same weights.
+generator. ``OBJECTIVES`` holds three ways to use them:
+
+- ``"grpo"``: the surrogate on ``pi_theta / pi_prox``; ``mu`` only feeds a diagnostic, the
+  k3 divergence between sampler and learner (~0 when they hold the same weights).
+- ``"decoupled"`` (AReaL, Fu et al. 2025): the same surrogate, each token weighted by the
+  behaviour importance weight ``w = pi_prox / mu`` (constant, no gradient), capped at ``C``:
+
+      l_{i,t} = w_{i,t} * L^clip_{i,t}(pi_theta / pi_prox) + beta * k3_{i,t}
+
+  ``w`` is per token (``"token"``) or the sequence's product of token ratios
+  ``exp(sum_t m (log pi_prox - log mu))`` given to each of its tokens (``"sequence"``);
+  beyond ``C`` it is truncated to ``C`` (``"truncate"``, truncated IS) or set to 0
+  (``"mask"``, AReaL's choice; masked tokens still count in the aggregation's
+  denominator, as in AReaL). Since ``w >= 0`` it folds into the advantage:
+  ``w * -min(rho A, clip(rho) A) = -min(rho (wA), clip(rho) (wA))``.
+- ``"plain"``: the surrogate on ``pi_theta / mu`` (``mu`` as the old policy, as PPO-style
+  asynchronous trainers do), for comparison; its clip acts on the staleness itself.
+
+With fresh samples (``mu == pi_prox``) all three are the same loss. Departures from AReaL:
+the cap may truncate instead of mask (default: truncate at 2, as truncated importance
+sampling does; AReaL masks beyond 5), and the weight may be per sequence.
 
 Departures from the GRPO paper: the KL term uses the k3 estimator as the paper does, but
 the ratio clip is asymmetric (``epsilon_low`` / ``epsilon_high``, from DAPO; equal values
@@ -34,9 +51,10 @@ give the paper's symmetric clip), and the aggregation is a choice rather than fi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,6 +118,10 @@ class LossOutputs:
     """[] mean of rho = pi_theta / pi_prox (exactly 1 on the first iteration)."""
     behavior_kl: Tensor
     """[] mean k3 estimate of KL(pi_prox || mu): how far learner and sampler disagree."""
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    """[] diagnostics of objectives beyond GRPO (importance weights), by name. Over micro-
+    batches a name ending in ``_max`` is reduced by max, ``_min`` by min, any other by a
+    token-weighted mean."""
 
 
 @dataclass
@@ -215,8 +237,120 @@ def grpo_loss(
 
 LossFn = Callable[[LossInputs], LossOutputs]
 
-OBJECTIVES: dict[str, Callable[..., LossOutputs]] = {"grpo": grpo_loss}
-"""Policy objectives by name. The asynchronous trainer adds its decoupled objective here."""
+
+# --- behaviour importance weights pi_prox / mu (decoupled and plain objectives) ------------
+
+
+@dataclass
+class ImportanceWeights:
+    """The behaviour importance weights of one (micro-)batch, detached."""
+
+    raw: Tensor
+    """[B, T] pi_prox / mu before the cap (per token, or the sequence's product on each token)."""
+    weight: Tensor
+    """[B, T] the weight the loss applies: ``raw`` truncated at, or masked beyond, the cap."""
+    capped: Tensor
+    """[B, T] bool, ``raw > cap``: the cap changed this token's weight."""
+
+
+def token_log_weights(old_logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """``log pi_prox - log mu`` per token: [B, T] (0 off the mask)."""
+    return (old_logprobs - behavior_logprobs) * mask
+
+
+def sequence_log_weights(old_logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """``sum_t m (log pi_prox - log mu)`` of each sequence, on each of its tokens: [B, T]."""
+    per_sequence = ((old_logprobs - behavior_logprobs) * mask).sum(-1, keepdim=True)  # [B, 1]
+    return per_sequence.expand_as(mask) * mask
+
+
+def truncate_weights(raw: Tensor, cap: float) -> Tensor:
+    """``min(w, C)``: the excess is cut off, the token still learns (truncated IS)."""
+    return raw.clamp(max=cap)
+
+
+def mask_weights(raw: Tensor, cap: float) -> Tensor:
+    """``w if w <= C else 0``: the token is dropped from the gradient (AReaL)."""
+    return torch.where(raw > cap, torch.zeros_like(raw), raw)
+
+
+IMPORTANCE_LEVELS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "token": token_log_weights,
+    "sequence": sequence_log_weights,
+}
+"""Where the importance weight is taken: per token, or per sequence (product of token ratios)."""
+
+IMPORTANCE_CAPS: dict[str, Callable[[Tensor, float], Tensor]] = {"truncate": truncate_weights, "mask": mask_weights}
+"""What happens to a weight beyond the cap."""
+
+
+def importance_weights(
+    old_logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    level: Callable[[Tensor, Tensor, Tensor], Tensor],
+    cap_fn: Callable[[Tensor, float], Tensor],
+    cap: float,
+) -> ImportanceWeights:
+    """Capped ``pi_prox / mu`` of every token (``level`` and ``cap_fn`` chosen at setup)."""
+    with torch.no_grad():
+        log_w = level(old_logprobs, behavior_logprobs, mask).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [B, T]
+        raw = torch.exp(log_w)
+        return ImportanceWeights(raw=raw, weight=cap_fn(raw, cap) * mask, capped=(raw > cap) & (mask > 0))
+
+
+def _importance_metrics(weights: ImportanceWeights, inputs: LossInputs, mask: Tensor) -> dict[str, Tensor]:
+    on = mask > 0
+    none = not bool(on.any())
+    nan = torch.full((), float("nan"), dtype=mask.dtype)
+    return {
+        "is_weight_mean": _masked_mean(weights.raw, mask),
+        "is_weight_max": nan if none else weights.raw[on].max(),
+        "is_weight_min": nan if none else weights.raw[on].min(),
+        "is_capped_fraction": _masked_mean(weights.capped.to(mask.dtype), mask),
+        "behavior_abs_log_diff": _masked_mean((inputs.old_logprobs - inputs.behavior_logprobs).abs(), mask),
+    }
+
+
+ImportanceFn = Callable[[Tensor, Tensor, Tensor], ImportanceWeights]
+
+
+def decoupled_loss(inputs: LossInputs, *, weigh: ImportanceFn, **grpo_knobs: object) -> LossOutputs:
+    """AReaL's decoupled objective: GRPO's surrogate on pi_theta/pi_prox, weighted by capped pi_prox/mu.
+
+    The weight is non-negative and carries no gradient, so it is folded into the advantage
+    (see the module docstring); the KL term is not weighted.
+    """
+    mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
+    weights = weigh(inputs.old_logprobs, inputs.behavior_logprobs, mask)
+    out = grpo_loss(dataclasses.replace(inputs, advantages=inputs.advantages * weights.weight), **grpo_knobs)
+    out.extra = _importance_metrics(weights, inputs, mask)
+    return out
+
+
+def plain_loss(inputs: LossInputs, *, weigh: ImportanceFn, **grpo_knobs: object) -> LossOutputs:
+    """GRPO's surrogate with the behaviour policy mu as the old policy (``rho = pi_theta / mu``).
+
+    The importance weights pi_prox/mu are computed for the metrics only.
+    """
+    mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
+    weights = weigh(inputs.old_logprobs, inputs.behavior_logprobs, mask)
+    out = grpo_loss(dataclasses.replace(inputs, old_logprobs=inputs.behavior_logprobs), **grpo_knobs)
+    with torch.no_grad():  # the diagnostic stays KL(pi_prox || mu), not that of mu with itself
+        out.behavior_kl = _masked_mean(k3_kl(inputs.old_logprobs, inputs.behavior_logprobs), mask)
+    out.extra = _importance_metrics(weights, inputs, mask)
+    return out
+
+
+OBJECTIVES: dict[str, Callable[..., LossOutputs]] = {
+    "grpo": grpo_loss,
+    "decoupled": decoupled_loss,
+    "plain": plain_loss,
+}
+"""Policy objectives by name (see the module docstring); ``TrainConfig.objective`` picks one."""
+
+_WEIGHTED_OBJECTIVES = ("decoupled", "plain")
 
 
 def make_loss_fn(
@@ -227,21 +361,36 @@ def make_loss_fn(
     beta: float = 0.0,
     aggregation: str = "token",
     constant: float = 1.0,
+    is_cap: float = 2.0,
+    is_level: str = "token",
+    is_mode: str = "truncate",
 ) -> LossFn:
     """Pick the objective and aggregation by name, once, and bind the knobs.
 
     ``constant`` is the fixed normaliser ``L`` of the ``"constant"`` aggregation (the
-    generation budget in tokens); the other aggregations ignore it.
+    generation budget in tokens); the other aggregations ignore it. ``is_cap``,
+    ``is_level`` and ``is_mode`` shape the importance weight pi_prox/mu of the
+    ``"decoupled"`` objective (``"plain"`` only logs it; ``"grpo"`` ignores them).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}")
-    return functools.partial(
-        OBJECTIVES[objective],
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        beta=beta,
-        aggregate=AGGREGATIONS[aggregation],
-        constant=constant,
-    )
+    for name, value, table in (
+        ("objective", objective, OBJECTIVES),
+        ("aggregation", aggregation, AGGREGATIONS),
+        ("is_level", is_level, IMPORTANCE_LEVELS),
+        ("is_mode", is_mode, IMPORTANCE_CAPS),
+    ):
+        if value not in table:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(table)}")
+    if is_cap <= 0:
+        raise ValueError(f"is_cap must be > 0, got {is_cap}")
+    knobs: dict[str, object] = {
+        "epsilon_low": epsilon_low,
+        "epsilon_high": epsilon_high,
+        "beta": beta,
+        "aggregate": AGGREGATIONS[aggregation],
+        "constant": constant,
+    }
+    if objective in _WEIGHTED_OBJECTIVES:
+        knobs["weigh"] = functools.partial(
+            importance_weights, level=IMPORTANCE_LEVELS[is_level], cap_fn=IMPORTANCE_CAPS[is_mode], cap=is_cap
+        )
+    return functools.partial(OBJECTIVES[objective], **knobs)
