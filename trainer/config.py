@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 from rlvr.trainer.advantages import SCALES
-from rlvr.trainer.losses import AGGREGATIONS
+from rlvr.trainer.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
 
 
 class ConfigError(ValueError):
@@ -97,6 +97,26 @@ class TrainConfig:
     micro_batch_size: int = 16
     """Sequences per forward/backward pass; gradients accumulate to the full batch."""
 
+    # --- the asynchronous pipeline (async_trainer.py) and its objective
+    max_staleness: int | None = None
+    """Run generation and learning at the same time, in two processes, sampling each batch with
+    weights at most this many learner steps older than the ones it is learned with (eta);
+    absent: the synchronous loop; 0 reproduces it exactly. The two processes share
+    torch_threads (torch_threads // 2 each, at least 1)."""
+    objective: str | None = field(default=None, metadata={"choices": tuple(OBJECTIVES)})
+    """'grpo' (ratio to pi_prox), 'decoupled' (AReaL: ratio to pi_prox, weighted by the capped
+    pi_prox/mu) or 'plain' (ratio to the sampling policy mu); absent: 'grpo' for the
+    synchronous loop, 'decoupled' with --max-staleness."""
+    is_cap: float = 2.0
+    """Cap C of the importance weight pi_prox/mu of the decoupled objective."""
+    is_level: str = field(default="token", metadata={"choices": tuple(IMPORTANCE_LEVELS)})
+    """Importance weight per 'token', or per 'sequence' (the product of its token ratios)."""
+    is_mode: str = field(default="truncate", metadata={"choices": tuple(IMPORTANCE_CAPS)})
+    """A weight beyond is_cap is cut to it ('truncate') or set to 0 ('mask', as AReaL does)."""
+    generator_restarts: int = 0
+    """Times the pipeline restarts a generator process that died without reporting an error
+    (killed, out of memory); an error raised inside the generator always stops the run."""
+
     # --- bookkeeping
     checkpoint_every: int = 0
     """Save a checkpoint every N steps (0: only at the end). The final step is always saved."""
@@ -128,6 +148,12 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("torch_threads", self.torch_threads >= 0, "must be >= 0"),
             ("env_kwargs", isinstance(self.env_kwargs, dict), "must be a mapping (a JSON object)"),
+            ("max_staleness", self.max_staleness is None or self.max_staleness >= 0, "must be >= 0"),
+            ("objective", self.objective in (None, *OBJECTIVES), f"must be one of {sorted(OBJECTIVES)}"),
+            ("is_cap", self.is_cap > 0, "must be > 0"),
+            ("is_level", self.is_level in IMPORTANCE_LEVELS, f"must be one of {sorted(IMPORTANCE_LEVELS)}"),
+            ("is_mode", self.is_mode in IMPORTANCE_CAPS, f"must be one of {sorted(IMPORTANCE_CAPS)}"),
+            ("generator_restarts", self.generator_restarts >= 0, "must be >= 0"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -207,13 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 _VALUE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (float,),
     "str": (str,),
     "bool": (bool,),
     "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
     "dict[str, Any]": (dict,),
 }
 

@@ -25,8 +25,9 @@ Where this departs from the GRPO paper (Shao et al. 2024):
   halves the memory and saves a forward pass; set ``--beta 0.04`` for the paper's KL;
 - multi-turn episodes train on every model turn, with environment messages masked out.
 
-Strictly on-policy: the generator samples with the weights the learner has just written
-(``max_staleness = 0`` in the terms of the asynchronous trainer to come).
+Strictly on-policy: the generator samples with the weights the learner has just written.
+``--max-staleness N`` runs the same steps as two overlapping processes instead
+(``async_trainer.py``); with N = 0 it reproduces this loop exactly.
 """
 
 from __future__ import annotations
@@ -169,35 +170,16 @@ class _Run:
 
 
 def _setup(config: TrainConfig) -> _Run:
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     # Environments first: a bad --env fails before a model is loaded.
     envs = [make_env(config.env, **config.env_kwargs) for _ in range(config.prompts_per_step * config.group_size)]
     num_tasks = getattr(envs[0].unwrapped, "num_tasks", None)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     model, tokenizer = load_model(config.model)
     model.to(device)
-    ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
-    loss_fn = make_loss_fn(
-        epsilon_low=config.epsilon_low,
-        epsilon_high=config.epsilon_high,
-        beta=config.beta,
-        aggregation=config.aggregation,
-        constant=float(config.max_new_tokens),
-    )
-    learner = TorchLearner(
-        model,
-        loss_fn,
-        learning_rate=config.learning_rate,
-        ref_model=ref_model,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        warmup_steps=config.warmup_steps,
-        num_iterations=config.num_iterations,
-        micro_batch_size=config.micro_batch_size,
-        temperature=config.temperature,
-    )
+    learner = build_learner(config, model, device, objective=config.objective or "grpo")
     # On one device the generator and the learner share the model object: no weight copy.
     generator = TransformersGenerator(model, tokenizer, device=device, seed=config.seed)
     return _Run(
@@ -216,13 +198,41 @@ def _setup(config: TrainConfig) -> _Run:
     )
 
 
-def _device(name: str) -> torch.device:
+def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device, objective: str) -> TorchLearner:
+    """Build the learner of ``config`` for ``model``: the loss chosen once, a reference model if beta > 0."""
+    ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
+    loss_fn = make_loss_fn(
+        objective=objective,
+        epsilon_low=config.epsilon_low,
+        epsilon_high=config.epsilon_high,
+        beta=config.beta,
+        aggregation=config.aggregation,
+        constant=float(config.max_new_tokens),
+        is_cap=config.is_cap,
+        is_level=config.is_level,
+        is_mode=config.is_mode,
+    )
+    return TorchLearner(
+        model,
+        loss_fn,
+        learning_rate=config.learning_rate,
+        ref_model=ref_model,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        warmup_steps=config.warmup_steps,
+        num_iterations=config.num_iterations,
+        micro_batch_size=config.micro_batch_size,
+        temperature=config.temperature,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
