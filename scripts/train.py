@@ -5,10 +5,14 @@
     python scripts/train.py --env arithmetic --max-steps 60 --output-dir runs/arith
     python scripts/train.py --config run.yaml --learning-rate 1e-6    # flags override the file
     python scripts/train.py --env gsm8k --output-dir runs/arith --resume   # continue the latest checkpoint
+    python scripts/train.py --env gsm8k --max-staleness 2    # generation overlapped with learning
 
 Every flag is a field of ``rlvr.trainer.config.TrainConfig`` (``--help`` lists them with
 their docstrings). Writes ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per step) and
-``OUTPUT_DIR/checkpoints/step_N/``. The loop itself is ``rlvr.trainer.grpo.train``.
+``OUTPUT_DIR/checkpoints/step_N/``. The loop itself is ``rlvr.trainer.grpo.train``, or with
+``--max-staleness N`` the two-process pipeline ``rlvr.trainer.async_trainer.train_async``
+(``--objective decoupled|plain|grpo``, ``--is-cap``, ``--is-level``, ``--is-mode``).
+Ctrl-C stops the run (and the generator process) within seconds, with exit status 130.
 """
 
 from __future__ import annotations
@@ -20,13 +24,24 @@ from rlvr.trainer.config import config_from_args
 
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
-    from rlvr.trainer.grpo import train  # after parsing, so --help and flag errors are instant
+    # Imported after parsing, so --help and flag errors are instant.
+    if config.max_staleness is None:
+        from rlvr.trainer.grpo import train
+    else:
+        from rlvr.trainer.async_trainer import train_async as train
+    from rlvr.trainer.generator_worker import GeneratorError
 
     try:
         result = train(config)
     except FileNotFoundError as e:  # e.g. --resume with no checkpoint: a usage error, not a crash
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except GeneratorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     last = result.last_metrics
     reward = f", last reward_mean {last['reward_mean']:.3f}" if last else ""
     print(f"done: {result.steps} steps{reward}; metrics {result.metrics_path}; checkpoint {result.checkpoint}")

@@ -90,7 +90,7 @@ def train(config: TrainConfig) -> TrainResult:
             watch, t0 = Stopwatch(), time.perf_counter()
             # 1. Rollouts: P tasks x G episodes, each played to its end.
             tasks = [run.task(step, p) for p in range(P)]
-            params = dataclasses.replace(run.sampling, seed=config.seed * 1_000_003 + step)
+            params = dataclasses.replace(run.sampling, seed=step_seed(config.seed, step))
             rollouts = collect_rollouts(
                 run.envs, run.generator, run.tokenizer, run.renderer, tasks, G, params, run.max_context
             )
@@ -174,8 +174,7 @@ def _setup(config: TrainConfig) -> _Run:
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     # Environments first: a bad --env fails before a model is loaded.
-    envs = [make_env(config.env, **config.env_kwargs) for _ in range(config.prompts_per_step * config.group_size)]
-    num_tasks = getattr(envs[0].unwrapped, "num_tasks", None)
+    envs = build_envs(config)
     device = resolve_device(config.device)
     model, tokenizer = load_model(config.model)
     model.to(device)
@@ -188,14 +187,44 @@ def _setup(config: TrainConfig) -> _Run:
         generator=generator,
         learner=learner,
         renderer=EnvMessageRenderer(tokenizer, set(generator.eos_ids)),
-        task=TaskSchedule(config.seed, config.prompts_per_step, num_tasks if isinstance(num_tasks, int) else None),
-        sampling=SamplingParams(
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
-        ),
+        task=task_schedule(config, envs[0]),
+        sampling=sampling_params(config),
         pad_id=tokenizer.pad_token_id,
-        # Episodes stop growing before the model's position limit (multi-turn contexts grow).
-        max_context=int(getattr(model.config, "max_position_embeddings", 2048)),
+        max_context=max_context(model),
     )
+
+
+# --- pieces shared with the asynchronous pipeline (async_trainer.py, generator_worker.py) ---
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Return the sampling seed of ``step``.
+
+    A function of (seed, step) only, so resumed and asynchronous runs draw the same
+    samples as an uninterrupted synchronous one.
+    """
+    return seed * 1_000_003 + step
+
+
+def build_envs(config: TrainConfig) -> list[Any]:
+    """One environment per episode of a step (``prompts_per_step * group_size``), group-major."""
+    return [make_env(config.env, **config.env_kwargs) for _ in range(config.prompts_per_step * config.group_size)]
+
+
+def task_schedule(config: TrainConfig, env: Any) -> TaskSchedule:
+    """Return the task order of ``config`` for environments like ``env`` (finite or procedural)."""
+    num_tasks = getattr(env.unwrapped, "num_tasks", None)
+    return TaskSchedule(config.seed, config.prompts_per_step, num_tasks if isinstance(num_tasks, int) else None)
+
+
+def sampling_params(config: TrainConfig) -> SamplingParams:
+    """Return how every step samples (its seed is set per step, see ``step_seed``)."""
+    return SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
+
+
+def max_context(model: torch.nn.Module) -> int:
+    """Return the context limit episodes stop growing at (multi-turn contexts grow)."""
+    return int(getattr(model.config, "max_position_embeddings", 2048))
 
 
 def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device, objective: str) -> TorchLearner:

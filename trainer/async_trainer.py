@@ -1,0 +1,231 @@
+"""Asynchronous GRPO: generation and learning at the same time, in two processes, staleness bounded.
+
+    python scripts/train.py --env gsm8k --max-staleness 2
+    python scripts/train.py --env arithmetic --max-staleness 1 --objective plain --torch-threads 2
+
+The same steps as the synchronous loop (``grpo.py``: same tasks, same per-step sampling
+seeds, same advantages and packing), split over two processes:
+
+    learner process (here)                          generator process (generator_worker.py)
+    step s: take batch s from the buffer            for s' = s+1 .. s+1+eta, ahead of the learner:
+            advantages, pack, optimizer step          wait for weights of version >= s'-1-eta
+            publish weights, version s  ──────────>   take the newest, play the groups, send batch s'
+
+so while the learner does step ``s`` the generator samples the batches of the steps after
+it, with weights at most ``eta = max_staleness`` steps old when they are learned
+(``rollout_queue.py`` states and checks the bound; ``weight_transport.py`` moves the
+weights). Each process gets ``torch_threads // 2`` threads (at least 1): on two cores,
+one core per role.
+
+The objective (``losses.py``) is by default AReaL's decoupled one (Fu et al. 2025). With
+``mu`` the policy that sampled (the generator's log-probabilities), ``pi_prox`` the
+learner's weights before the step and ``pi_theta`` the weights being learned:
+
+    rho = pi_theta / pi_prox,   w = min(pi_prox / mu, C)       (or 0 beyond C: --is-mode mask)
+    J   = agg_{i,t} w_{i,t} * min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)  -  beta * KL
+
+The clip keeps the *update* proximal to the current weights, whatever their age when
+sampling, and ``w`` corrects for the samples coming from an older policy. ``--objective
+plain`` takes the ratio against ``mu`` instead (PPO's old policy = the sampler); with
+``eta = 0`` every objective is GRPO. With one optimizer step per batch (``num_iterations
+= 1``) pi_prox needs no extra forward pass: it is the detached log-probabilities of the
+gradient pass itself (``learner.py``).
+
+Where this departs from AReaL: the bound is kept per batch by admission (the generator
+waits before starting a batch; all of a batch is sampled by one version) instead of per
+request with weight updates in the middle of generation; the importance weight is
+truncated at 2 by default (AReaL masks beyond 5; ``--is-mode mask --is-cap 5`` is theirs)
+and may be per sequence; weights travel through CPU shared memory, not NCCL.
+
+Invariants of the concurrent code (each module states its own in detail):
+
+1. The learner is the only writer of weights and the only reader of batches; the
+   generator is the only producer of batches (``rollout_queue``, ``weight_transport``).
+2. Every wait is bounded and checks the other side (``generator_worker`` invariant 3): a
+   dead or failed generator becomes a ``GeneratorError`` naming its exit code or its
+   traceback, never a hang.
+3. Whatever ends ``train_async`` (the last step, an exception, Ctrl-C), the generator
+   process is stopped and joined before it returns or raises.
+4. Checkpoints are written only between steps, when the learner's state is whole. A
+   generator that dies silently is restarted up to ``generator_restarts`` times (from the
+   step after the last batch received: nothing received is thrown away); otherwise the
+   run stops, after checkpointing its last completed step.
+5. ``max_staleness = 0`` reproduces the synchronous loop: batch ``s`` is sampled by exactly
+   the weights of step ``s - 1``, with the same seeds, so the same samples come out
+   (``tests/test_async_trainer.py`` compares metrics and parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rlvr.envs.registry import make_env
+from rlvr.trainer.advantages import SCALES, turn_advantages
+from rlvr.trainer.batch import pack_episodes
+from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.default_model import load_model
+from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
+from rlvr.trainer.grpo import TrainResult, build_learner, resolve_device, seed_everything
+from rlvr.trainer.learner import TorchLearner
+from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
+from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
+from rlvr.trainer.weight_transport import SharedMemoryTransport
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def train_async(config: TrainConfig) -> TrainResult:
+    """Run GRPO with generation overlapped with learning, as ``config`` says (``max_staleness`` set)."""
+    if config.max_staleness is None:
+        raise ValueError("train_async needs config.max_staleness (0 for the synchronous schedule)")
+    resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
+    learner, tokenizer = _setup_learner(config)
+    start = load_checkpoint(resume_from, learner).step if resume_from is not None else 0
+    record: dict[str, Any] = {}
+    checkpoint, done = None, start
+    bar = tqdm(total=config.max_steps, initial=start, desc="grpo-async", disable=not config.progress, file=sys.stderr)
+    metrics_path = Path(config.output_dir) / "metrics.jsonl"
+    writer = MetricsWriter(metrics_path, resume_step=start if resume_from is not None else None)
+    pipeline: _Pipeline | None = None
+    try:
+        pipeline = _Pipeline(config, learner, start)
+        for step in range(start + 1, config.max_steps + 1):
+            record = _train_step(config, step, pipeline, learner, tokenizer.pad_token_id)
+            done = step
+            writer.write(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
+            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config)
+    except GeneratorError:
+        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
+            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config)
+            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
+        raise
+    finally:
+        if pipeline is not None:
+            pipeline.close()  # invariant 3: on every path
+        writer.close()
+        bar.close()
+    if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
+        checkpoint = resolve_resume("latest", config.output_dir)
+    return TrainResult(
+        steps=max(start, config.max_steps), metrics_path=metrics_path, checkpoint=checkpoint, last_metrics=record
+    )
+
+
+def role_threads(config: TrainConfig) -> int:
+    """Return torch threads per process: ``torch_threads`` split between the two roles (0: torch's default)."""
+    return max(1, config.torch_threads // 2) if config.torch_threads > 0 else 0
+
+
+def _setup_learner(config: TrainConfig) -> tuple[TorchLearner, Any]:
+    seed_everything(config.seed)
+    if role_threads(config) > 0:
+        torch.set_num_threads(role_threads(config))
+    make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(config.model)
+    model.to(device)
+    return build_learner(config, model, device, objective=config.objective or "decoupled"), tokenizer
+
+
+def _train_step(
+    config: TrainConfig, step: int, pipeline: _Pipeline, learner: TorchLearner, pad_id: int
+) -> dict[str, Any]:
+    """Take batch ``step``, learn from it, publish the new weights; return the step's metrics."""
+    watch, t0 = Stopwatch(), time.perf_counter()
+    with watch.time("wait"):
+        item = pipeline.take(step, learner)
+    message: RolloutMessage = item.payload
+    rollouts = message.rollouts
+    advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], SCALES[config.scale])
+    batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], pad_id, config.mask_truncated)
+    with watch.time("learning"):
+        learned = learner.step(batch)
+    with watch.time("publish"):
+        pipeline.publish(learner)
+    step_seconds = time.perf_counter() - t0
+    stats = rollout_metrics(rollouts)
+    staleness = [learner.version - 1 - v for e in rollouts.episodes for v in e.versions]
+    generator_seconds = message.wait_seconds + message.receive_seconds + message.busy_seconds
+    record: dict[str, Any] = {"step": step, **stats, **learned}
+    record |= timing_metrics(
+        stats["generated_tokens"],
+        rollouts.generation_seconds,
+        rollouts.env_seconds,
+        watch.seconds["learning"],
+        step_seconds,
+    )
+    record |= staleness_metrics(staleness, config.max_staleness or 0)
+    record |= {
+        "policy_version": float(item.version),
+        "time/wait_rollouts": watch.seconds["wait"],
+        "time/weight_publish": watch.seconds["publish"],
+        "time/weight_receive": message.receive_seconds,
+        "time/generator_wait": message.wait_seconds,
+        "time/generator_busy": message.busy_seconds,
+        "async/learner_idle_fraction": watch.seconds["wait"] / max(step_seconds, 1e-9),
+        "async/generator_idle_fraction": message.wait_seconds / max(generator_seconds, 1e-9),
+        "async/buffered_batches": float(len(pipeline.buffer)),
+        "async/generator_restarts": float(pipeline.restarts),
+    }
+    return record
+
+
+class _Pipeline:
+    """The learner's handle on the generator side: transport, process, buffer, restarts."""
+
+    def __init__(self, config: TrainConfig, learner: TorchLearner, start: int):
+        self.config = config
+        self.ctx = torch.multiprocessing.get_context("spawn")
+        self.buffer: RolloutBuffer[RolloutMessage] = RolloutBuffer(Admission(config.max_staleness or 0), start + 1)
+        self.restarts = 0
+        self.process: GeneratorProcess | None = None
+        self._start(learner, after_step=start)
+
+    def _start(self, learner: TorchLearner, after_step: int) -> None:
+        # A fresh transport per process: a dead child may have left the old one's lock held.
+        weights = learner.weights_for_generation()
+        self.transport = SharedMemoryTransport(weights, self.ctx.Lock())
+        self.transport.publish(weights, learner.version)
+        spec = GeneratorSpec(
+            config=self.config, start_step=after_step, threads=role_threads(self.config), parent_pid=os.getpid()
+        )
+        self.process = GeneratorProcess(self.ctx, spec, self.transport)
+
+    def take(self, step: int, learner: TorchLearner) -> RolloutItem[RolloutMessage]:
+        """Return batch ``step``, receiving batches (and restarting a dead generator) until it is here."""
+        assert self.process is not None
+        while not self.buffer.has(step):
+            try:
+                message = self.process.next_message()
+            except GeneratorError as e:
+                if e.reported or self.restarts >= self.config.generator_restarts:
+                    raise
+                self.restarts += 1
+                logger.warning(
+                    "%s; restarting it after step %d (restart %d of %d)",
+                    e, self.buffer.last_put_step, self.restarts, self.config.generator_restarts,
+                )  # fmt: skip
+                self.process.stop()
+                self._start(learner, after_step=self.buffer.last_put_step)
+                continue
+            self.buffer.put(RolloutItem(message.step, message.version, message))
+        return self.buffer.take(step, learner.version)
+
+    def publish(self, learner: TorchLearner) -> None:
+        self.transport.publish(learner.weights_for_generation(), learner.version)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None

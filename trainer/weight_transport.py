@@ -1,0 +1,185 @@
+"""Weights from the learner to the generator, with their version: the protocol and a shared-memory transport.
+
+``WeightTransport`` is the seam: the learner ``publish``es full weights by name with a
+version after each step; the generator asks for ``latest_version``, waits for a version
+it needs, and ``receive``s the newest weights into its model. This module implements it
+for two processes on one machine; the NCCL-broadcast and vLLM transports of multi-GPU
+training plug into the same three calls.
+
+``SharedMemoryTransport`` keeps two slots of shared CPU tensors (one flat buffer per dtype
+and slot) and a small shared counter table, created by the learner before the generator
+process starts and handed to it as a process argument (torch shares the storages).
+
+Invariants:
+
+1. **One writer.** Only the learner process publishes; any number of processes read.
+2. **Double buffer.** Version ``v`` is written to slot ``v % 2``. The slot's sequence
+   counter is made odd before the copy and even after it; then ``latest = v``.
+3. **Seqlock reads.** A reader copies slot ``latest % 2`` into its model and keeps the
+   copy only if the slot's counter was even and unchanged across the copy and the slot
+   still holds the version it read; otherwise (the writer lapped it by two versions) it
+   copies again. A torn copy is never used.
+4. **No long locks.** The counters are read and written under a process-shared lock held
+   for a few integer operations (which also orders the copies against the counters on
+   any CPU); copies run outside it, so neither side ever waits for the other's copy. The
+   lock is taken with a timeout, so a process killed while holding it gives a clear
+   ``TransportError`` instead of a hang.
+5. **Monotone versions.** ``latest`` only grows; publishing an older version raises.
+
+Tied parameters (an LM head sharing the embedding) are stored once, under the first
+name ``state_dict`` gives them; ``Generator.update_weights`` accepts either name.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from rlvr.trainer.types import Generator
+
+# Counter table columns: seq[0], seq[1], version[0], version[1], latest.
+_SEQ, _VERSION, _LATEST = 0, 2, 4
+_LOCK_TIMEOUT = 10.0
+
+
+class TransportError(RuntimeError):
+    """The transport cannot proceed (a lock left held by a dead process, a bad version)."""
+
+
+class WeightTransport(Protocol):
+    """How new weights reach the generator. Implementations: shared memory (here); NCCL, vLLM."""
+
+    def publish(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
+        """Make ``weights`` (full, by name) the newest, as ``version`` (learner side)."""
+        ...
+
+    def latest_version(self) -> int:
+        """Return the newest published version (-1 before the first publish)."""
+        ...
+
+    def wait_for_version(self, min_version: int, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until ``latest_version() >= min_version``; return whether it is."""
+        ...
+
+    def receive(self, generator: Generator) -> int:
+        """Load the newest weights into ``generator`` (generator side); return their version."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one named tensor lives in the flat buffers."""
+
+    name: str
+    dtype: torch.dtype
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class SharedMemoryTransport:
+    """Two shared-memory slots and a seqlock: implements ``WeightTransport`` on one machine."""
+
+    def __init__(self, template: Mapping[str, torch.Tensor], lock: Any, poll_interval: float = 0.002):
+        """Allocate slots shaped like ``template`` (e.g. ``learner.weights_for_generation()``).
+
+        ``lock`` is a process-shared lock from the multiprocessing context the generator is
+        started with (``ctx.Lock()``).
+        """
+        self._lock = lock
+        self.poll_interval = poll_interval
+        self._entries: list[_Entry] = []
+        sizes: dict[torch.dtype, int] = {}
+        seen: set[int] = set()
+        for name, tensor in template.items():
+            if tensor.data_ptr() in seen:  # a tied alias of a tensor already stored
+                continue
+            seen.add(tensor.data_ptr())
+            offset = sizes.get(tensor.dtype, 0)
+            self._entries.append(_Entry(name, tensor.dtype, offset, tuple(tensor.shape)))
+            sizes[tensor.dtype] = offset + tensor.numel()
+        self._slots = [
+            {dtype: torch.zeros(size, dtype=dtype).share_memory_() for dtype, size in sizes.items()} for _ in range(2)
+        ]
+        self._counters = torch.zeros(5, dtype=torch.int64).share_memory_()
+        self._counters[_VERSION:] = -1
+
+    # --- the WeightTransport protocol ------------------------------------------------------
+
+    def publish(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
+        """Copy ``weights`` into the slot of ``version`` and make it the newest."""
+        with self._locked():
+            latest = int(self._counters[_LATEST])
+            if version <= latest:
+                raise TransportError(f"publish version {version} after version {latest}: versions only grow")
+            slot = version % 2
+            self._counters[_SEQ + slot] += 1  # odd: being written
+        views = self._views(slot)
+        with torch.no_grad():
+            for entry in self._entries:
+                views[entry.name].copy_(weights[entry.name])
+        with self._locked():
+            self._counters[_VERSION + slot] = version
+            self._counters[_SEQ + slot] += 1  # even: complete
+            self._counters[_LATEST] = version
+
+    def latest_version(self) -> int:
+        with self._locked():
+            return int(self._counters[_LATEST])
+
+    def wait_for_version(self, min_version: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.latest_version() < min_version:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_interval)
+        return True
+
+    def receive(self, generator: Generator) -> int:
+        """Seqlock read of the newest slot into ``generator`` (see the module invariants)."""
+        while True:
+            with self._locked():
+                version = int(self._counters[_LATEST])
+                if version < 0:
+                    raise TransportError("receive before any publish")
+                slot = version % 2
+                seq = int(self._counters[_SEQ + slot])
+                stable = seq % 2 == 0 and int(self._counters[_VERSION + slot]) == version
+            if stable:
+                generator.update_weights(self._views(slot), version)
+                with self._locked():
+                    if int(self._counters[_SEQ + slot]) == seq:
+                        return version
+            time.sleep(self.poll_interval)  # lapped by the writer: read the newer slot
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _views(self, slot: int) -> dict[str, torch.Tensor]:
+        buffers = self._slots[slot]
+        return {e.name: buffers[e.dtype][e.offset : e.offset + e.numel].view(e.shape) for e in self._entries}
+
+    def _locked(self) -> _Held:
+        return _Held(self._lock)
+
+
+class _Held:
+    """``with`` a lock acquired with a timeout: a lock left held by a dead process is an error."""
+
+    def __init__(self, lock: Any):
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(timeout=_LOCK_TIMEOUT):
+            raise TransportError(
+                f"weight transport lock not free after {_LOCK_TIMEOUT:.0f} s: a process died while holding it"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
