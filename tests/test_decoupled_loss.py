@@ -156,3 +156,17 @@ def test_stale_samples_change_the_decoupled_gradient_but_not_grpo():
 def test_bad_importance_knobs_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_loss_fn(**kwargs)
+
+
+@pytest.mark.parametrize("objective", ["decoupled", "plain"])
+def test_on_policy_batches_get_the_grpo_loss_and_still_log_the_mismatch(objective):
+    # A batch sampled by the weights being learned from: mu is pi_prox, whatever rounding says.
+    logp, old, _, adv, mask = _random_case(3, stale=False)
+    rounding = old + 1e-6 * torch.randn(old.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    grpo = make_loss_fn()(LossInputs(logp, old, rounding, adv, mask))
+    fresh = make_loss_fn(objective=objective, on_policy=True)(LossInputs(logp, old, rounding, adv, mask))
+    stale = make_loss_fn(objective=objective)(LossInputs(logp, old, rounding, adv, mask))
+    assert fresh.loss.item() == grpo.loss.item()
+    assert stale.loss.item() != grpo.loss.item()  # the rounding would otherwise leak into the loss
+    assert 0 < fresh.extra["behavior_abs_log_diff"].item() < 1e-5
+    assert fresh.extra["is_weight_max"].item() > 1.0 > fresh.extra["is_weight_min"].item()

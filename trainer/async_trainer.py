@@ -61,6 +61,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,9 @@ from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkp
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
-from rlvr.trainer.grpo import TrainResult, build_learner, resolve_device, seed_everything
+from rlvr.trainer.grpo import TrainResult, build_learner, build_loss_fn, resolve_device, seed_everything
 from rlvr.trainer.learner import TorchLearner
+from rlvr.trainer.losses import LossFn
 from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
 from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
 from rlvr.trainer.weight_transport import SharedMemoryTransport
@@ -88,6 +90,7 @@ def train_async(config: TrainConfig) -> TrainResult:
         raise ValueError("train_async needs config.max_staleness (0 for the synchronous schedule)")
     resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
     learner, tokenizer = _setup_learner(config)
+    losses = _losses(config, learner)
     start = load_checkpoint(resume_from, learner).step if resume_from is not None else 0
     record: dict[str, Any] = {}
     checkpoint, done = None, start
@@ -98,7 +101,7 @@ def train_async(config: TrainConfig) -> TrainResult:
     try:
         pipeline = _Pipeline(config, learner, start)
         for step in range(start + 1, config.max_steps + 1):
-            record = _train_step(config, step, pipeline, learner, tokenizer.pad_token_id)
+            record = _train_step(config, step, pipeline, learner, losses, tokenizer.pad_token_id)
             done = step
             writer.write(record)
             bar.update(1)
@@ -127,6 +130,15 @@ def role_threads(config: TrainConfig) -> int:
     return max(1, config.torch_threads // 2) if config.torch_threads > 0 else 0
 
 
+@dataclass(frozen=True)
+class _Losses:
+    """The objective for stale batches, and for batches sampled by the learner's own weights."""
+
+    stale: LossFn
+    on_policy: LossFn
+    """mu is pi_prox: GRPO's loss bit for bit, whatever the objective (``losses.py``)."""
+
+
 def _setup_learner(config: TrainConfig) -> tuple[TorchLearner, Any]:
     seed_everything(config.seed)
     if role_threads(config) > 0:
@@ -135,11 +147,18 @@ def _setup_learner(config: TrainConfig) -> tuple[TorchLearner, Any]:
     device = resolve_device(config.device)
     model, tokenizer = load_model(config.model)
     model.to(device)
-    return build_learner(config, model, device, objective=config.objective or "decoupled"), tokenizer
+    learner = build_learner(config, model, device, objective=config.objective or "decoupled")
+    return learner, tokenizer
+
+
+def _losses(config: TrainConfig, learner: TorchLearner) -> _Losses:
+    return _Losses(
+        stale=learner.loss_fn, on_policy=build_loss_fn(config, config.objective or "decoupled", on_policy=True)
+    )
 
 
 def _train_step(
-    config: TrainConfig, step: int, pipeline: _Pipeline, learner: TorchLearner, pad_id: int
+    config: TrainConfig, step: int, pipeline: _Pipeline, learner: TorchLearner, losses: _Losses, pad_id: int
 ) -> dict[str, Any]:
     """Take batch ``step``, learn from it, publish the new weights; return the step's metrics."""
     watch, t0 = Stopwatch(), time.perf_counter()
@@ -149,13 +168,15 @@ def _train_step(
     rollouts = message.rollouts
     advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], SCALES[config.scale])
     batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], pad_id, config.mask_truncated)
+    staleness = [learner.version - v for e in rollouts.episodes for v in e.versions]
+    # Chosen per batch among the two built at setup: a fresh batch learns with GRPO's exact numbers.
+    learner.loss_fn = losses.on_policy if max(staleness) == 0 else losses.stale
     with watch.time("learning"):
         learned = learner.step(batch)
     with watch.time("publish"):
         pipeline.publish(learner)
     step_seconds = time.perf_counter() - t0
     stats = rollout_metrics(rollouts)
-    staleness = [learner.version - 1 - v for e in rollouts.episodes for v in e.versions]
     generator_seconds = message.wait_seconds + message.receive_seconds + message.busy_seconds
     record: dict[str, Any] = {"step": step, **stats, **learned}
     record |= timing_metrics(

@@ -50,7 +50,7 @@ from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.generation import TransformersGenerator
 from rlvr.trainer.learner import TorchLearner
-from rlvr.trainer.losses import make_loss_fn
+from rlvr.trainer.losses import LossFn, make_loss_fn
 from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
 from rlvr.trainer.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
 from rlvr.trainer.types import SamplingParams
@@ -230,7 +230,23 @@ def max_context(model: torch.nn.Module) -> int:
 def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device, objective: str) -> TorchLearner:
     """Build the learner of ``config`` for ``model``: the loss chosen once, a reference model if beta > 0."""
     ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
-    loss_fn = make_loss_fn(
+    return TorchLearner(
+        model,
+        build_loss_fn(config, objective),
+        learning_rate=config.learning_rate,
+        ref_model=ref_model,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        warmup_steps=config.warmup_steps,
+        num_iterations=config.num_iterations,
+        micro_batch_size=config.micro_batch_size,
+        temperature=config.temperature,
+    )
+
+
+def build_loss_fn(config: TrainConfig, objective: str, on_policy: bool = False) -> LossFn:
+    """Bind ``config``'s loss knobs to ``objective`` (``on_policy``: see ``losses.py``)."""
+    return make_loss_fn(
         objective=objective,
         epsilon_low=config.epsilon_low,
         epsilon_high=config.epsilon_high,
@@ -240,18 +256,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
         is_cap=config.is_cap,
         is_level=config.is_level,
         is_mode=config.is_mode,
-    )
-    return TorchLearner(
-        model,
-        loss_fn,
-        learning_rate=config.learning_rate,
-        ref_model=ref_model,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        warmup_steps=config.warmup_steps,
-        num_iterations=config.num_iterations,
-        micro_batch_size=config.micro_batch_size,
-        temperature=config.temperature,
+        on_policy=on_policy,
     )
 
 

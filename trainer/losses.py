@@ -40,9 +40,19 @@ generator. ``OBJECTIVES`` holds three ways to use them:
 - ``"plain"``: the surrogate on ``pi_theta / mu`` (``mu`` as the old policy, as PPO-style
   asynchronous trainers do), for comparison; its clip acts on the staleness itself.
 
-With fresh samples (``mu == pi_prox``) all three are the same loss. Departures from AReaL:
-the cap may truncate instead of mask (default: truncate at 2, as truncated importance
-sampling does; AReaL masks beyond 5), and the weight may be per sequence.
+With fresh samples (``mu == pi_prox``) all three are the same loss. A batch sampled by the
+very weights being learned from (staleness 0) is declared ``on_policy`` by the trainer:
+``mu`` *is* ``pi_prox`` then, and their log-probabilities differ only by float rounding
+between the generator's cached decoding and the learner's forward (~1e-7), so the weight
+is set to exactly 1 (and ``plain`` takes its ratio against ``pi_prox``): every objective is
+then GRPO's loss bit for bit, and asynchronous training with staleness bound 0 reproduces
+the synchronous loop exactly. The measured ``pi_prox / mu`` is still logged.
+
+Departures from AReaL: the cap may truncate instead of mask (default: truncate at 2, as
+truncated importance sampling does; AReaL masks beyond 5); the weight may be per
+sequence; on-policy batches are not reweighted for the sampler/learner mismatch (AReaL
+always applies the weight, which with a different inference engine also corrects that
+mismatch).
 
 Departures from the GRPO paper: the KL term uses the k3 estimator as the paper does, but
 the ratio clip is asymmetric (``epsilon_low`` / ``epsilon_high``, from DAPO; equal values
@@ -316,27 +326,35 @@ def _importance_metrics(weights: ImportanceWeights, inputs: LossInputs, mask: Te
 ImportanceFn = Callable[[Tensor, Tensor, Tensor], ImportanceWeights]
 
 
-def decoupled_loss(inputs: LossInputs, *, weigh: ImportanceFn, **grpo_knobs: object) -> LossOutputs:
+def decoupled_loss(
+    inputs: LossInputs, *, weigh: ImportanceFn, on_policy: bool = False, **grpo_knobs: object
+) -> LossOutputs:
     """AReaL's decoupled objective: GRPO's surrogate on pi_theta/pi_prox, weighted by capped pi_prox/mu.
 
     The weight is non-negative and carries no gradient, so it is folded into the advantage
-    (see the module docstring); the KL term is not weighted.
+    (see the module docstring); the KL term is not weighted. ``on_policy``: the weight is 1.
     """
     mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
     weights = weigh(inputs.old_logprobs, inputs.behavior_logprobs, mask)
-    out = grpo_loss(dataclasses.replace(inputs, advantages=inputs.advantages * weights.weight), **grpo_knobs)
+    if not on_policy:
+        inputs = dataclasses.replace(inputs, advantages=inputs.advantages * weights.weight)
+    out = grpo_loss(inputs, **grpo_knobs)
     out.extra = _importance_metrics(weights, inputs, mask)
     return out
 
 
-def plain_loss(inputs: LossInputs, *, weigh: ImportanceFn, **grpo_knobs: object) -> LossOutputs:
+def plain_loss(
+    inputs: LossInputs, *, weigh: ImportanceFn, on_policy: bool = False, **grpo_knobs: object
+) -> LossOutputs:
     """GRPO's surrogate with the behaviour policy mu as the old policy (``rho = pi_theta / mu``).
 
-    The importance weights pi_prox/mu are computed for the metrics only.
+    The importance weights pi_prox/mu are computed for the metrics only. ``on_policy``: the
+    ratio is taken against pi_prox (which mu is).
     """
     mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
     weights = weigh(inputs.old_logprobs, inputs.behavior_logprobs, mask)
-    out = grpo_loss(dataclasses.replace(inputs, old_logprobs=inputs.behavior_logprobs), **grpo_knobs)
+    behaving = inputs if on_policy else dataclasses.replace(inputs, old_logprobs=inputs.behavior_logprobs)
+    out = grpo_loss(behaving, **grpo_knobs)
     with torch.no_grad():  # the diagnostic stays KL(pi_prox || mu), not that of mu with itself
         out.behavior_kl = _masked_mean(k3_kl(inputs.old_logprobs, inputs.behavior_logprobs), mask)
     out.extra = _importance_metrics(weights, inputs, mask)
@@ -364,6 +382,7 @@ def make_loss_fn(
     is_cap: float = 2.0,
     is_level: str = "token",
     is_mode: str = "truncate",
+    on_policy: bool = False,
 ) -> LossFn:
     """Pick the objective and aggregation by name, once, and bind the knobs.
 
@@ -371,6 +390,8 @@ def make_loss_fn(
     generation budget in tokens); the other aggregations ignore it. ``is_cap``,
     ``is_level`` and ``is_mode`` shape the importance weight pi_prox/mu of the
     ``"decoupled"`` objective (``"plain"`` only logs it; ``"grpo"`` ignores them).
+    ``on_policy`` builds the loss of batches sampled by the weights being learned from
+    (see the module docstring): for them every objective is GRPO's.
     """
     for name, value, table in (
         ("objective", objective, OBJECTIVES),
@@ -393,4 +414,5 @@ def make_loss_fn(
         knobs["weigh"] = functools.partial(
             importance_weights, level=IMPORTANCE_LEVELS[is_level], cap_fn=IMPORTANCE_CAPS[is_mode], cap=is_cap
         )
+        knobs["on_policy"] = on_policy
     return functools.partial(OBJECTIVES[objective], **knobs)
