@@ -1,0 +1,246 @@
+"""The two-process pipeline end to end: eta = 0 is the synchronous loop, stale metrics, failures.
+
+Real processes throughout: the generator is a spawned child with its own model, signals are
+real signals, ``scripts/train.py`` runs as a subprocess. Most runs use a tiny random Qwen2
+with a dense reward (completion length) so that every step has a gradient in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rlvr.trainer.async_trainer import train_async
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.generator_worker import GeneratorError
+from rlvr.trainer.grpo import train
+from rlvr.trainer.metrics import read_metrics
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ENV_SOURCE = '''
+from rlvr.envs.arithmetic import ArithmeticEnv
+from rlvr.verifiers.types import Verdict
+
+
+class LengthEnv(ArithmeticEnv):
+    """Arithmetic prompts, reward = completion length / 40: dense, so a random model has gradients."""
+
+    def verify(self, completion, task):
+        return Verdict(score=min(1.0, len(completion) / 40), reason="length")
+
+
+class FailingEnv(LengthEnv):
+    """Raises inside the generator process on its third episode."""
+
+    def verify(self, completion, task):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls >= 3:
+            raise RuntimeError("verifier exploded on purpose")
+        return super().verify(completion, task)
+'''
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """A tiny random model folder and the env file above."""
+    root = tmp_path_factory.mktemp("async_assets")
+    tokenizer = build_tokenizer()
+    build_tiny_model(tokenizer, seed=0, **TEST_SIZE.__dict__).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "envs.py").write_text(ENV_SOURCE)
+    return root
+
+
+def _config(assets: Path, out: Path, **overrides) -> TrainConfig:
+    values = {
+        "env": f"{assets / 'envs.py'}:LengthEnv",
+        "model": str(assets / "tiny"),
+        "output_dir": str(out),
+        "max_steps": 3,
+        "group_size": 4,
+        "prompts_per_step": 2,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "torch_threads": 1,
+        "progress": False,
+    }
+    return TrainConfig(**(values | overrides))
+
+
+REWARD_KEYS = ("reward_mean", "reward_std", "zero_spread_fraction", "completion_length_mean", "loss", "grad_norm")
+
+
+@pytest.mark.parametrize("setup", ["tiny-random-length-reward", "default-model-arithmetic"])
+@pytest.mark.parametrize("objective", ["decoupled", "plain"])
+def test_staleness_zero_reproduces_the_synchronous_loop(assets, tmp_path, setup, objective):
+    # One thread in both: the synchronous loop's torch_threads=1, and 1 // 2 -> 1 per process.
+    extra = {} if setup.startswith("tiny") else {"env": "arithmetic", "model": None, "learning_rate": 1e-3}
+    sync = train(_config(assets, tmp_path / "sync", **extra))
+    fresh = train_async(_config(assets, tmp_path / "async", max_staleness=0, objective=objective, **extra))
+    sync_records, async_records = read_metrics(sync.metrics_path), read_metrics(fresh.metrics_path)
+    assert [r["step"] for r in async_records] == [1, 2, 3]
+    for s, a in zip(sync_records, async_records):
+        assert {k: a[k] for k in REWARD_KEYS} == {k: s[k] for k in REWARD_KEYS}, s["step"]
+        assert a["staleness_max"] == 0.0 and a["staleness_hist_0"] == 1.0
+    assert any(r["grad_norm"] > 0 for r in sync_records)  # the runs did learn something
+    want, got = load_file(sync.checkpoint / "model.safetensors"), load_file(fresh.checkpoint / "model.safetensors")
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name  # bitwise
+
+
+def test_stale_batches_are_logged_and_weighted(assets, tmp_path):
+    result = train_async(_config(assets, tmp_path, max_steps=6, max_staleness=2))
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for r in records:
+        assert 0 <= r["staleness_max"] <= 2
+        hist = [r[f"staleness_hist_{k}"] for k in range(3)]
+        assert sum(hist) == pytest.approx(1.0)
+        assert 0.0 <= r["async/learner_idle_fraction"] <= 1.0 and 0.0 <= r["async/generator_idle_fraction"] <= 1.0
+        assert r["time/weight_publish"] > 0 and r["time/weight_receive"] >= 0
+        for key in ("is_weight_mean", "is_weight_max", "is_weight_min", "is_capped_fraction", "behavior_kl"):
+            assert key in r, key
+    # The generator starts batch s + 1 as soon as batch s is sent, before the learner can
+    # have learned from batch s: from step 2 on every batch is at least one step stale.
+    assert all(r["staleness_mean"] >= 1 for r in records[1:])
+    assert records[0]["staleness_max"] == 0
+    # stale samples of a policy that moved: pi_prox / mu departs from 1, and it is measured
+    assert max(r["is_weight_max"] - r["is_weight_min"] for r in records[1:]) > 1e-4
+    assert max(r["behavior_abs_log_diff"] for r in records[1:]) > 1e-5
+
+
+def _descendants(pid: int) -> list[int]:
+    """Pids of every live process under ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, parent in parents.items() if parent == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _generator_pid(parent: int) -> int | None:
+    for pid in _descendants(parent):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            return pid
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def _kill_generator_after(metrics: Path, lines: int) -> threading.Thread:
+    """In the background: once ``metrics`` has ``lines`` lines, SIGKILL this process's generator child."""
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+                pid = _generator_pid(os.getpid())
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_generator_stops_the_run_with_the_last_step_checkpointed(assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=500, max_staleness=1, checkpoint_every=1000)
+    watcher = _kill_generator_after(tmp_path / "metrics.jsonl", lines=2)
+    with pytest.raises(GeneratorError, match="died without reporting an error: killed by signal SIGKILL") as info:
+        train_async(config)
+    watcher.join()
+    assert info.value.exitcode == -signal.SIGKILL and not info.value.reported
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    last = records[-1]["step"]
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{last:06d}"]  # complete, no half-written .tmp
+    saved = tmp_path / "checkpoints" / checkpoints[0]
+    assert json.loads((saved / "trainer_state.json").read_text())["step"] == last
+    assert load_file(saved / "model.safetensors")  # readable weights
+    assert not [p for p in _descendants(os.getpid()) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_a_killed_generator_is_restarted_when_allowed(assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=8, max_staleness=1, generator_restarts=1)
+    watcher = _kill_generator_after(tmp_path / "metrics.jsonl", lines=2)
+    result = train_async(config)
+    watcher.join()
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["async/generator_restarts"] == 1.0
+    assert all(r["staleness_max"] <= 1 for r in records)
+
+
+def test_an_env_error_in_the_generator_surfaces_in_the_trainer(assets, tmp_path):
+    start = time.monotonic()
+    config = _config(assets, tmp_path, env=f"{assets / 'envs.py'}:FailingEnv", max_steps=10, max_staleness=1)
+    with pytest.raises(GeneratorError, match="RuntimeError: verifier exploded on purpose") as info:
+        train_async(config)
+    assert info.value.reported and "in verify" in info.value.remote_traceback
+    assert time.monotonic() - start < 60  # an error, not a hang
+
+
+def test_sigint_stops_train_py_and_both_processes_within_seconds(assets, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "--env", f"{assets / 'envs.py'}:LengthEnv",
+        "--model", str(assets / "tiny"), "--max-staleness", "1", "--max-steps", "100000", "--group-size", "4",
+        "--prompts-per-step", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no step finished in 120 s"
+            time.sleep(0.1)
+        children = _descendants(proc.pid)
+        assert _generator_pid(proc.pid) in children
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    assert took < 10
+    time.sleep(0.5)  # the resource tracker exits on EOF once its parent is gone
+    assert [p for p in children if _alive(p)] == []
