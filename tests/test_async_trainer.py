@@ -244,3 +244,20 @@ def test_sigint_stops_train_py_and_both_processes_within_seconds(assets, tmp_pat
     assert took < 10
     time.sleep(0.5)  # the resource tracker exits on EOF once its parent is gone
     assert [p for p in children if _alive(p)] == []
+
+
+def test_train_py_on_gsm8k_with_max_staleness_2(tmp_path):
+    """The issue's command on the default model and the bundled GSM8K sample, shortened."""
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "scripts" / "train.py"), "--env", "gsm8k", "--max-staleness", "2",
+            "--max-steps", "3", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "16",
+            "--output-dir", str(tmp_path), "--no-progress",
+        ],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all("components/correctness_mean" in r and r["staleness_max"] <= 2 for r in records)
+    assert (tmp_path / "checkpoints" / "step_000003" / "model.safetensors").is_file()

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Synchronous vs asynchronous GRPO on the same work: wall times, speed-up, idle fractions.
+
+    python scripts/bench_async.py                       # eta = 0, 1, 2, 4; 24 steps each
+    python scripts/bench_async.py --steps 40 --etas 1 --hidden-size 256
+
+Every run trains the same tiny random-weight Qwen2 (built here, saved to a temporary
+folder) on ``arithmetic`` with the same seed, steps, prompts and group size: the same
+tasks, the same number of groups, the same generation budget. A random model almost never
+emits EOS, so every completion is exactly ``--max-new-tokens`` long and every step does
+the same amount of work in every run; its rewards are 0, so the weights barely move, but
+the learner still runs its full forward and backward passes on every batch (timing is
+what is measured here, not learning). The model size is chosen so that generating a
+batch and learning from it take about the same time: two equal stages overlapped cannot
+run more than 2x faster than one after the other.
+
+Runs and their threads (``--torch-threads``):
+
+- ``sync, 1 thread``: the synchronous loop on one core (``torch_threads=1``);
+- ``sync, 2 threads``: the synchronous loop with both cores for torch's intra-op
+  parallelism (``torch_threads=2``): the same hardware as the pipeline;
+- ``async, eta=k``: the two-process pipeline with ``torch_threads=2``, i.e. one thread,
+  one core, per role.
+
+The time compared is the steady state: the wall time of steps ``--warmup + 1 .. steps``
+as the learner sees them (``time/step`` summed), which leaves out process start, model
+loading and the first batches (the generator's head start is at most ``eta + 1`` batches
+of ``steps``). The whole-run wall time, start included, is printed too. Idle fractions
+over the same steps: the learner's time waiting for batches over its wall time, and the
+generator's time waiting for admissible weights over its own wall time.
+
+Timings on a shared machine are meaningless: the script prints the 1-minute load
+average before and after; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlvr.trainer.async_trainer import train_async
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.default_model import build_tiny_model, build_tokenizer
+from rlvr.trainer.grpo import train
+from rlvr.trainer.metrics import read_metrics
+
+
+@dataclass
+class Run:
+    """One training run's timings."""
+
+    name: str
+    wall: float
+    """Whole ``train`` call, setup and process start included."""
+    steady: float
+    """Sum of ``time/step`` over the steps after the warm-up."""
+    generation: float
+    """Mean seconds per batch spent sampling and in the envs."""
+    learning: float
+    """Mean seconds per step inside ``learner.step``."""
+    learner_idle: float = float("nan")
+    generator_idle: float = float("nan")
+    staleness: float = float("nan")
+
+
+def _measure(name: str, config: TrainConfig, warmup: int) -> Run:
+    start = time.perf_counter()
+    result = (train if config.max_staleness is None else train_async)(config)
+    wall = time.perf_counter() - start
+    steady = [r for r in read_metrics(result.metrics_path) if r["step"] > warmup]
+    run = Run(
+        name=name,
+        wall=wall,
+        steady=sum(r["time/step"] for r in steady),
+        generation=statistics.fmean(r["time/generation"] + r["time/reward"] for r in steady),
+        learning=statistics.fmean(r["time/learning"] for r in steady),
+    )
+    if config.max_staleness is not None:
+        run.learner_idle = sum(r["time/wait_rollouts"] for r in steady) / run.steady
+        gen_wall = sum(r["time/generator_wait"] + r["time/weight_receive"] + r["time/generator_busy"] for r in steady)
+        run.generator_idle = sum(r["time/generator_wait"] for r in steady) / gen_wall
+        run.staleness = statistics.fmean(r["staleness_mean"] for r in steady)
+    return run
+
+
+def _model(folder: Path, args: argparse.Namespace) -> str:
+    tokenizer = build_tokenizer()
+    size = {
+        "hidden_size": args.hidden_size,
+        "intermediate_size": 3 * args.hidden_size,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    build_tiny_model(tokenizer, seed=0, **size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the steady-state time")
+    parser.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument("--hidden-size", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--no-sync-2", action="store_true", help="skip the 2-thread synchronous run")
+    args = parser.parse_args(argv)
+
+    print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), cpus: {os.cpu_count()}")
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
+        model = _model(Path(tmp) / "model", args)
+        base = {
+            "env": "arithmetic",
+            "model": model,
+            "max_steps": args.steps,
+            "group_size": args.group_size,
+            "prompts_per_step": args.prompts_per_step,
+            "max_new_tokens": args.max_new_tokens,
+            "learning_rate": 1e-4,
+            "seed": 0,
+            "progress": False,
+        }
+
+        def config(name: str, **kw) -> TrainConfig:
+            return TrainConfig(**base, output_dir=str(Path(tmp) / name.replace(" ", "_")), **kw)
+
+        runs.append(_measure("sync, 1 thread", config("sync1", torch_threads=1), args.warmup))
+        if not args.no_sync_2:
+            runs.append(_measure("sync, 2 threads", config("sync2", torch_threads=2), args.warmup))
+        for eta in args.etas:
+            runs.append(
+                _measure(f"async, eta={eta}", config(f"async{eta}", torch_threads=2, max_staleness=eta), args.warmup)
+            )
+    print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
+    _report(runs, args)
+    return 0
+
+
+def _report(runs: list[Run], args: argparse.Namespace) -> None:
+    base = runs[0]
+    steady_steps = args.steps - args.warmup
+    print(
+        f"\nmodel: hidden {args.hidden_size}, {args.layers} layers; {args.prompts_per_step} prompts x "
+        f"{args.group_size} = {args.prompts_per_step * args.group_size} episodes of {args.max_new_tokens} tokens "
+        f"per step; steady state = steps {args.warmup + 1}..{args.steps}"
+    )
+    print(f"sync 1 thread stages per step: generation {base.generation:.3f} s, learning {base.learning:.3f} s\n")
+    header = (
+        f"{'run':<18}{'wall s':>8}{'steady s':>10}{'s/step':>8}{'speed-up':>10}"
+        f"{'vs sync2':>10}{'learner idle':>14}{'gen idle':>10}{'staleness':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    sync2 = next((r for r in runs if r.name == "sync, 2 threads"), None)
+    for r in runs:
+        vs2 = f"{sync2.steady / r.steady:>10.2f}" if sync2 else f"{'-':>10}"
+        idle = "" if r.learner_idle != r.learner_idle else f"{r.learner_idle:>14.2f}{r.generator_idle:>10.2f}"
+        stale = "" if r.staleness != r.staleness else f"{r.staleness:>11.2f}"
+        print(
+            f"{r.name:<18}{r.wall:>8.1f}{r.steady:>10.2f}{r.steady / steady_steps:>8.3f}"
+            f"{base.steady / r.steady:>10.2f}{vs2}{idle}{stale}"
+        )
+    print("\nspeed-up = steady time of 'sync, 1 thread' / steady time of the run; 'vs sync2' likewise.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
