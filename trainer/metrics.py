@@ -14,6 +14,17 @@ Keys written every step (learner keys come from ``TorchLearner.step``):
 - ``time/generation``, ``time/reward`` (inside the environments, where verifiers run),
   ``time/learning``, ``time/step``; ``tokens_per_second`` (generated tokens per second of
   the whole step) and ``generation_tokens_per_second``.
+
+With ``--objective decoupled`` or ``plain`` (losses.py): ``is_weight_mean`` / ``_max`` /
+``_min`` of pi_prox/mu, ``is_capped_fraction`` (tokens whose weight the cap truncated or
+masked) and ``behavior_abs_log_diff`` (mean |log pi_prox - log mu|, next to the k3
+``behavior_kl``). The asynchronous pipeline (async_trainer.py) adds ``staleness_mean``,
+``staleness_max``, ``staleness_hist_0 .. _eta`` (fraction of model turns k steps stale),
+``policy_version`` (the weights that sampled the batch), ``time/wait_rollouts`` (learner
+waiting for the batch), ``time/weight_publish`` / ``time/weight_receive`` (weight sync on
+each side), ``time/generator_wait`` / ``_busy``, ``async/learner_idle_fraction`` and
+``async/generator_idle_fraction`` (waiting time over wall time, per step),
+``async/buffered_batches`` and ``async/generator_restarts``.
 """
 
 from __future__ import annotations
