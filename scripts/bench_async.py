@@ -29,8 +29,9 @@ of ``steps``). The whole-run wall time, start included, is printed too. Idle fra
 over the same steps: the learner's time waiting for batches over its wall time, and the
 generator's time waiting for admissible weights over its own wall time.
 
-Timings on a shared machine are meaningless: the script prints the 1-minute load
-average before and after; run it on an otherwise idle machine.
+Timings on a shared machine are meaningless: the script samples the 1-minute load
+average every second during each run and prints its mean and max per run (the bench
+itself puts about 1 on it, 2 for the pipeline); run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +69,36 @@ class Run:
     learner_idle: float = float("nan")
     generator_idle: float = float("nan")
     staleness: float = float("nan")
+    load_mean: float = float("nan")
+    """Mean of the 1-minute load average sampled during the run."""
+    load_max: float = float("nan")
+
+
+class _LoadSampler:
+    """Samples ``os.getloadavg()[0]`` once a second in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> _LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _measure(name: str, config: TrainConfig, warmup: int) -> Run:
     start = time.perf_counter()
-    result = (train if config.max_staleness is None else train_async)(config)
+    with _LoadSampler() as load:
+        result = (train if config.max_staleness is None else train_async)(config)
     wall = time.perf_counter() - start
     steady = [r for r in read_metrics(result.metrics_path) if r["step"] > warmup]
     run = Run(
@@ -80,6 +107,8 @@ def _measure(name: str, config: TrainConfig, warmup: int) -> Run:
         steady=sum(r["time/step"] for r in steady),
         generation=statistics.fmean(r["time/generation"] + r["time/reward"] for r in steady),
         learning=statistics.fmean(r["time/learning"] for r in steady),
+        load_mean=statistics.fmean(load.samples) if load.samples else float("nan"),
+        load_max=max(load.samples, default=float("nan")),
     )
     if config.max_staleness is not None:
         run.learner_idle = sum(r["time/wait_rollouts"] for r in steady) / run.steady
@@ -158,18 +187,19 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
     print(f"sync 1 thread stages per step: generation {base.generation:.3f} s, learning {base.learning:.3f} s\n")
     header = (
         f"{'run':<18}{'wall s':>8}{'steady s':>10}{'s/step':>8}{'speed-up':>10}"
-        f"{'vs sync2':>10}{'learner idle':>14}{'gen idle':>10}{'staleness':>11}"
+        f"{'vs sync2':>10}{'learner idle':>14}{'gen idle':>10}{'staleness':>11}{'load mean/max':>15}"
     )
     print(header)
     print("-" * len(header))
     sync2 = next((r for r in runs if r.name == "sync, 2 threads"), None)
     for r in runs:
         vs2 = f"{sync2.steady / r.steady:>10.2f}" if sync2 else f"{'-':>10}"
-        idle = "" if r.learner_idle != r.learner_idle else f"{r.learner_idle:>14.2f}{r.generator_idle:>10.2f}"
-        stale = "" if r.staleness != r.staleness else f"{r.staleness:>11.2f}"
+        sync = r.learner_idle != r.learner_idle  # NaN: no pipeline
+        idle = f"{'-':>14}{'-':>10}{'-':>11}" if sync else f"{r.learner_idle:>14.2f}{r.generator_idle:>10.2f}"
+        stale = "" if sync else f"{r.staleness:>11.2f}"
         print(
             f"{r.name:<18}{r.wall:>8.1f}{r.steady:>10.2f}{r.steady / steady_steps:>8.3f}"
-            f"{base.steady / r.steady:>10.2f}{vs2}{idle}{stale}"
+            f"{base.steady / r.steady:>10.2f}{vs2}{idle}{stale}{r.load_mean:>9.2f}/{r.load_max:.2f}"
         )
     print("\nspeed-up = steady time of 'sync, 1 thread' / steady time of the run; 'vs sync2' likewise.")
 

@@ -99,6 +99,18 @@ def test_staleness_zero_reproduces_the_synchronous_loop(assets, tmp_path, setup,
         assert torch.equal(got[name], tensor), name  # bitwise
 
 
+def test_resume_continues_the_pipeline_exactly(assets, tmp_path):
+    # eta = 0 is deterministic, so a run stopped at step 2 and resumed to 4 must end where
+    # an uninterrupted 4-step run ends: weights, optimizer state and RNG all came back.
+    whole = train_async(_config(assets, tmp_path / "whole", max_steps=4, max_staleness=0))
+    train_async(_config(assets, tmp_path / "parts", max_steps=2, max_staleness=0))
+    resumed = train_async(_config(assets, tmp_path / "parts", max_steps=4, max_staleness=0, resume="latest"))
+    assert [r["step"] for r in read_metrics(resumed.metrics_path)] == [1, 2, 3, 4]
+    want, got = load_file(whole.checkpoint / "model.safetensors"), load_file(resumed.checkpoint / "model.safetensors")
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+    assert read_metrics(resumed.metrics_path)[-1]["reward_mean"] == read_metrics(whole.metrics_path)[-1]["reward_mean"]
+
+
 def test_stale_batches_are_logged_and_weighted(assets, tmp_path):
     result = train_async(_config(assets, tmp_path, max_steps=6, max_staleness=2))
     records = read_metrics(result.metrics_path)

@@ -254,7 +254,7 @@ class GeneratorProcess:
             if isinstance(message, GeneratorFailure):
                 self.process.join(timeout=5)
                 raise GeneratorError(
-                    f"the generator process raised while producing step {message.step}: {message.error}\n"
+                    f"the generator process raised (at step {message.step}): {message.error}\n"
                     f"--- generator traceback ---\n{message.traceback}",
                     exitcode=self.process.exitcode,
                     remote_traceback=message.traceback,
