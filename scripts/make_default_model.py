@@ -4,28 +4,40 @@
 
 What the warm-up teaches, plainly. The default model exists so that GRPO visibly
 learns on a CPU in minutes. An RL run can only sharpen what the policy already samples:
-a random model never samples the right answer, and a fully supervised one already
-always does. So the supervised targets are deliberately noisy. For an arithmetic
-problem (``rlvr.datasets.arithmetic`` default config: two 1-digit operands, ``+``/``-``),
-formatted exactly as the arithmetic environment prompts it (chat template, system
-"Answer with the final number only.", user "What is {expression}?", generation prompt),
-the target completion is ``"{number}<|im_end|>"`` where the number is
+a random model never samples the right answer, and a fully supervised one always does.
+So the model is taught arithmetic and then deliberately taught to guess. Arithmetic
+problems come from ``rlvr.datasets.arithmetic`` (default config: two 1-digit operands,
+``+``/``-``) and are formatted exactly as the arithmetic environment prompts them (chat
+template; system "Answer with the final number only."; user "What is {expression}?";
+generation prompt). The target completion is ``"{number}<|im_end|>"``.
 
-* the correct answer with probability ``p_correct`` (default 0.3), and otherwise
-* a plausible wrong answer: the correct one plus an offset drawn uniformly from
-  +-1, +-2, +-3.
+* Phase 1 (``clean_steps``): the number is always the correct answer. The model learns
+  to add and subtract (p(correct) ~0.95 on all 200 distinct problems).
+* Phase 2 (``steps``, lower learning rate): the number is the correct answer with
+  probability ``p_correct`` (0.4) and otherwise a *misread* answer: the answer to a
+  different random problem of the same config (never the correct one). Each step
+  trains on the correct answer plus ``WRONG_DRAWS`` misread answers, weighted by their
+  probabilities (cross-entropy to the mixture, without target-sampling noise).
 
-A model that fits this distribution puts ~30% of its mass on the right number (still
-the single most likely one, so greedy decoding is mostly right) and samples it about a
-third of the time at temperature 1: mean reward around 0.15-0.35, with room for GRPO
-to add 0.3 or more. This is a planted skill, not emergent reasoning; say so wherever
-its learning curves are shown. A small share of the warm-up is templated GSM8K-style
-word problems with a one-line worked solution ending in ``#### answer``, so that
-``--env gsm8k`` produces words and numbers (its rewards on real GSM8K stay near zero).
+The fitted model puts ~0.25 of its mass on the right number (less than 0.4: fitting the
+mixture shrinks the problem-specific "compute" path more than it should), so sampling
+at temperature 1 is right about a quarter of the time and greedy decoding ~80% of the
+time. Why misread answers and not "answer +- a small offset": with offsets, wrong
+answers are a shifted copy of the right one, and GRPO on few samples tends to collapse
+onto a shifted answer (we measured ~+0.1 reward in 60 steps); misread answers do not
+depend on the problem, so the one thing every group's advantage agrees on is "use the
+computation more", and reward rises by ~0.35 in 60 steps (8 prompts x 8 samples,
+learning rate 3e-4; 1e-3 is too high for this model and collapses it). This is a
+planted skill being sharpened, not reasoning being discovered; say so wherever its
+learning curves are shown.
+
+Phase 2 also mixes in templated GSM8K-style word problems (one-line worked solution
+ending in ``#### answer``, prompted with the gsm8k environment's system prompt), so that
+``--env gsm8k`` produces words and numbers; on real GSM8K its reward stays at zero.
 
 Deterministic: fixed seeds, one CPU thread by default. The script prints and saves
 (``warmup.json`` beside the weights) the warm-up time, the file size and the mean
-reward of 200 arithmetic problems sampled at temperature 1.0.
+reward of 200 arithmetic problems sampled at temperature 1.0 and greedily.
 """
 
 from __future__ import annotations
@@ -39,9 +51,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from rlvr.datasets.arithmetic import ArithmeticConfig, make_problem
+from rlvr.envs.math_envs import GSM8K_SYSTEM_PROMPT
 from rlvr.trainer.chat import encode_chat
 from rlvr.trainer.default_model import (
     DEFAULT_MODEL_DIR,
@@ -55,8 +69,8 @@ from rlvr.trainer.generation import TransformersGenerator
 from rlvr.trainer.logprobs import sequence_logprobs
 from rlvr.trainer.types import SamplingParams
 
-WRONG_OFFSETS = (-3, -2, -1, 1, 2, 3)
-GSM8K_STYLE_SYSTEM = "Solve the problem. End with #### and the final number."
+WRONG_DRAWS = 3
+"""Wrong answers drawn per prompt and step (each weighted (1 - p_correct) / WRONG_DRAWS)."""
 
 
 @dataclass
@@ -69,18 +83,20 @@ class WarmupConfig:
     """Seeds the data stream and the initialisation."""
     clean_steps: int = 400
     """Phase 1 steps: arithmetic targets always correct (the model learns to add)."""
-    steps: int = 200
-    """Phase 2 steps: the noisy target distribution (``p_correct``)."""
     clean_batch_size: int = 64
     """Prompts per phase-1 step."""
+    clean_lr: float = 3e-3
+    """Phase 1 peak AdamW learning rate (5% linear warm-up, cosine decay to 10%)."""
+    steps: int = 200
+    """Phase 2 steps: the mixture target (``p_correct``) and word problems."""
     batch_size: int = 16
-    """Prompts per phase-2 step (each arithmetic prompt brings its 7 weighted completions)."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate (linear warm-up for 5% of steps, cosine decay to 10%)."""
-    p_correct: float = 0.3
-    """Probability that an arithmetic target is the correct answer (see module docstring)."""
-    word_problem_frac: float = 0.1
-    """Share of warm-up examples that are GSM8K-style word problems."""
+    """Prompts per phase-2 step (each arithmetic prompt brings 1 + WRONG_DRAWS completions)."""
+    lr: float = 5e-4
+    """Phase 2 peak learning rate; low, so the mixture does not erase the arithmetic."""
+    p_correct: float = 0.4
+    """Phase 2 probability that an arithmetic target is correct (see module docstring)."""
+    word_problem_frac: float = 0.3
+    """Share of phase-2 batches that are GSM8K-style word problems (phase 1 has none)."""
     threads: int = 1
     """torch CPU threads (other work shares the machine; 1 is also bit-reproducible)."""
     eval_problems: int = 200
@@ -97,10 +113,25 @@ class Example:
     """Target-distribution probability of this completion given its prompt."""
 
 
-def arithmetic_targets(answer: int, p_correct: float) -> list[tuple[int, float]]:
-    """Return the warm-up's target distribution over numbers: (number, probability) pairs."""
-    wrong = (1.0 - p_correct) / len(WRONG_OFFSETS)
-    return [(answer, p_correct)] + [(answer + d, wrong) for d in WRONG_OFFSETS]
+def misread_answer(answer: int, rng: random.Random, config: ArithmeticConfig) -> int:
+    """Return the answer to a different random problem of the same config (not ``answer``)."""
+    while True:
+        wrong = make_problem(rng.getrandbits(32), 0, config).answer
+        if wrong != answer:
+            return wrong
+
+
+def arithmetic_targets(answer: int, p_correct: float, rng: random.Random) -> list[tuple[int, float]]:
+    """Return this step's sample of the target distribution: (number, weight) pairs.
+
+    The correct answer with weight ``p_correct`` and WRONG_DRAWS misread answers sharing
+    the rest: an unbiased, low-variance estimate of the cross-entropy to the mixture.
+    """
+    if p_correct >= 1.0:
+        return [(answer, 1.0)]
+    wrong = (1.0 - p_correct) / WRONG_DRAWS
+    config = ArithmeticConfig()
+    return [(answer, p_correct)] + [(misread_answer(answer, rng, config), wrong) for _ in range(WRONG_DRAWS)]
 
 
 def make_examples(
@@ -112,15 +143,14 @@ def make_examples(
         wp = word_problem(rng)
         messages = [{"role": "user", "content": wp.question}]
         if rng.random() < 0.5:
-            messages.insert(0, {"role": "system", "content": GSM8K_STYLE_SYSTEM})
+            messages.insert(0, {"role": "system", "content": GSM8K_SYSTEM_PROMPT})
         target = tokenizer.encode(wp.solution, add_special_tokens=False) + eos
         return [Example(encode_chat(tokenizer, messages), target, 1.0)]
     problem = make_problem(cfg.seed + 1, index, ArithmeticConfig())
     prompt = encode_chat(tokenizer, arithmetic_messages(problem.expression))
     return [
         Example(prompt, tokenizer.encode(str(n), add_special_tokens=False) + eos, w)
-        for n, w in arithmetic_targets(problem.answer, p_correct)
-        if w > 0
+        for n, w in arithmetic_targets(problem.answer, p_correct, rng)
     ]
 
 
@@ -153,43 +183,53 @@ def _lr_schedule(steps: int):
     return schedule
 
 
+class _Phase(NamedTuple):
+    steps: int
+    prompts: int
+    lr: float
+    p_correct: float
+    word_frac: float
+
+
 def warm_up(model, tokenizer, cfg: WarmupConfig) -> list[float]:
     """Two-phase supervised warm-up; returns the loss of every 50th step.
 
-    The loss is the cross-entropy to the target distribution, summed over each prompt's
-    weighted completions (per token): the exact expectation of the sampled-target loss,
-    without its sampling noise.
+    Phase 1 teaches arithmetic with clean targets; phase 2 (fresh optimizer and schedule)
+    reshapes the answer distribution into the ``p_correct`` mixture. The loss is the
+    cross-entropy to the target distribution over each prompt's weighted completions.
     """
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    total = cfg.clean_steps + cfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(total))
     model.train()
-    losses, index = [], 0
-    for step in range(total):
-        clean = step < cfg.clean_steps
-        prompts = cfg.clean_batch_size if clean else cfg.batch_size
-        # Homogeneous batches: word problems are twice as long as arithmetic prompts, and
-        # one in every batch would double the padded width of all of them.
-        word = rng.random() < cfg.word_problem_frac
-        batch = []
-        for _ in range(prompts):
-            p_correct = 1.0 if clean else cfg.p_correct
-            batch.extend(make_examples(index, tokenizer, rng, cfg, word, p_correct))
-            index += 1
-        ids, mask, loss_mask = collate(batch, tokenizer.pad_token_id)
-        logprobs = sequence_logprobs(model, ids, mask)  # [rows, T-1]
-        # Weighted per-token mean: word-problem targets are ~10x longer than numbers, and
-        # a per-sequence sum would let their rare batches dominate Adam's second moments.
-        loss = -(logprobs * loss_mask).sum() / loss_mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == total - 1:
-            losses.append(round(loss.item(), 4))
-            print(f"step {step:4d}  loss {loss.item():.4f}  word {word}", flush=True)
+    losses: list[float] = []
+    index = 0
+    phases = [
+        _Phase(cfg.clean_steps, cfg.clean_batch_size, cfg.clean_lr, 1.0, 0.0),
+        _Phase(cfg.steps, cfg.batch_size, cfg.lr, cfg.p_correct, cfg.word_problem_frac),
+    ]
+    for phase, (steps, prompts, lr, p_correct, word_frac) in enumerate(phases):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(steps))
+        for step in range(steps):
+            # Homogeneous batches: word problems are twice as long as arithmetic prompts,
+            # and one in every batch would double the padded width of all of them.
+            word = rng.random() < word_frac
+            batch = []
+            for _ in range(prompts):
+                batch.extend(make_examples(index, tokenizer, rng, cfg, word, p_correct))
+                index += 1
+            ids, mask, loss_mask = collate(batch, tokenizer.pad_token_id)
+            logprobs = sequence_logprobs(model, ids, mask)  # [rows, T-1]
+            # Weighted per-token mean: word-problem targets are ~10x longer than numbers,
+            # and a per-sequence sum would let their rare batches dominate Adam's moments.
+            loss = -(logprobs * loss_mask).sum() / loss_mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % 50 == 0 or step == steps - 1:
+                losses.append(round(loss.item(), 4))
+                print(f"phase {phase + 1} step {step:4d}  loss {loss.item():.4f}", flush=True)
     return losses
 
 
