@@ -76,6 +76,8 @@ class TransformersGenerator:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {params}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if any(not s for s in params.stop):
+            raise ValueError(f"stop strings must be non-empty, got {params.stop!r}")
         rng = self._rng
         if params.seed is not None:
             rng = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -125,16 +127,19 @@ class TransformersGenerator:
             logits_to_keep=1,
         )
         next_pos = mask.sum(-1, keepdim=True)  # [R, 1] position of the next token
-        tokens: list[torch.Tensor] = []  # each [R]
+        tokens: list[list[int]] = [[] for _ in range(rows)]  # sampled so far, per row
         logprobs: list[torch.Tensor] = []  # each [R]
         finish: list[FinishReason | None] = [None] * rows
-        ends = [params.max_new_tokens] * rows  # completion length of each row
-        eos = torch.tensor(sorted(self.eos_ids), device=self.device)
-        for step in range(params.max_new_tokens):
+        for _ in range(params.max_new_tokens):
+            # Rows that already finished keep sampling (their draws are discarded), so
+            # the random stream consumed per step, and thus seeded output, does not
+            # depend on when other rows stop.
             token, logprob = sample_next(out.logits[:, -1], params, rng)  # [R], [R]
-            tokens.append(token)
             logprobs.append(logprob)
-            self._mark_finished(tokens, torch.isin(token, eos), params, finish, ends, step)
+            for i, t in enumerate(token.tolist()):
+                if finish[i] is None:
+                    tokens[i].append(t)
+                    finish[i] = self._finished(tokens[i], params)
             if all(f is not None for f in finish):
                 break
             mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=-1)
@@ -146,16 +151,14 @@ class TransformersGenerator:
                 use_cache=True,
             )
             next_pos = next_pos + 1
-        all_tokens = torch.stack(tokens, dim=1).tolist()  # [R, steps]
-        all_logprobs = torch.stack(logprobs, dim=1).tolist()
+        all_logprobs = torch.stack(logprobs, dim=1).tolist()  # [R, steps]
         completions = []
-        for i in range(rows):
-            ids = all_tokens[i][: ends[i]]
+        for i, ids in enumerate(tokens):
             completions.append(
                 Completion(
                     prompt_ids=batch.prompts[i],
                     token_ids=ids,
-                    logprobs=all_logprobs[i][: ends[i]],
+                    logprobs=all_logprobs[i][: len(ids)],
                     text=self.tokenizer.decode(ids, skip_special_tokens=True),
                     finish_reason=finish[i] or "length",
                     version=self.version,
@@ -163,29 +166,20 @@ class TransformersGenerator:
             )
         return completions
 
-    def _mark_finished(
-        self,
-        tokens: list[torch.Tensor],
-        is_eos: torch.Tensor,
-        params: SamplingParams,
-        finish: list[FinishReason | None],
-        ends: list[int],
-        step: int,
-    ) -> None:
-        """Record rows that just ended (EOS or stop string) at ``step``."""
-        hit_eos = is_eos.tolist()
-        for i, done in enumerate(finish):
-            if done is not None:
-                continue
-            stopped = hit_eos[i]
-            if not stopped and params.stop:
-                # Decode the whole completion: a stop string can span several tokens.
-                ids = [int(t[i]) for t in tokens]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                stopped = any(s in text for s in params.stop)
-            if stopped:
-                finish[i] = "stop"
-                ends[i] = step + 1
+    def _finished(self, ids: list[int], params: SamplingParams) -> FinishReason | None:
+        """Return 'stop' if the completion ``ids`` just hit EOS or a stop string, else None."""
+        if ids[-1] in self.eos_ids:
+            return "stop"
+        if params.stop:
+            # A stop string can span several tokens, and a byte-level token can be a
+            # single byte of a character: 4 tokens per character (plus the new one)
+            # always cover a stop string that ends in the newest token. Earlier
+            # occurrences cannot exist: we would have stopped there.
+            window = 4 * max(len(s) for s in params.stop) + 1
+            tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True)
+            if any(s in tail for s in params.stop):
+                return "stop"
+        return None
 
 
 def sample_next(
