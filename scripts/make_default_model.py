@@ -19,17 +19,18 @@ generation prompt). The target completion is ``"{number}<|im_end|>"``.
   trains on the correct answer plus ``WRONG_DRAWS`` misread answers, weighted by their
   probabilities (cross-entropy to the mixture, without target-sampling noise).
 
-The fitted model puts ~0.25 of its mass on the right number (less than 0.4: fitting the
+The fitted model puts ~0.22 of its mass on the right number (less than 0.4: fitting the
 mixture shrinks the problem-specific "compute" path more than it should), so sampling
-at temperature 1 is right about a quarter of the time and greedy decoding ~80% of the
-time. Why misread answers and not "answer +- a small offset": with offsets, wrong
-answers are a shifted copy of the right one, and GRPO on few samples tends to collapse
-onto a shifted answer (we measured ~+0.1 reward in 60 steps); misread answers do not
-depend on the problem, so the one thing every group's advantage agrees on is "use the
-computation more", and reward rises by ~0.35 in 60 steps (8 prompts x 8 samples,
-learning rate 3e-4; 1e-3 is too high for this model and collapses it). This is a
-planted skill being sharpened, not reasoning being discovered; say so wherever its
-learning curves are shown.
+at temperature 1 is right 22% of the time and greedy decoding 72% of the time (see
+``warmup.json``). Why misread answers and not "answer +- a small offset": with offsets,
+wrong answers are a shifted copy of the right one, and GRPO on few samples tends to
+collapse onto a shifted answer (we measured ~+0.1 reward in 60 steps); misread answers
+do not depend on the problem, so the one thing every group's advantage agrees on is
+"use the computation more". With ``scripts/train.py --env arithmetic`` (8 prompts x 8
+samples, learning rate 3e-4) the mean reward of the first 10 steps was 0.34 and of
+steps 51-60 0.74; at learning rate 1e-3 this model collapses instead (0.23 -> 0.21).
+This is a planted skill being sharpened, not reasoning being discovered; say so
+wherever its learning curves are shown.
 
 Phase 2 also mixes in templated GSM8K-style word problems (one-line worked solution
 ending in ``#### answer``, prompted with the gsm8k environment's system prompt), so that
