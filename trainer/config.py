@@ -68,9 +68,9 @@ class TrainConfig:
     """Nucleus sampling mass (1.0 samples from the full distribution)."""
 
     # --- the objective
-    learning_rate: float = 2e-5
-    """AdamW learning rate (after warmup). The default suits the tiny default model; for 1B+
-    models use ~1e-6."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (after warmup). The default suits the ~1M-parameter default model
+    (arithmetic reward ~0.25 -> ~0.5 in 100 steps); for 0.5B+ models use ~1e-6."""
     epsilon_low: float = 0.2
     """Lower clip of the ratio: rho is clipped at 1 - epsilon_low."""
     epsilon_high: float = 0.2
