@@ -73,7 +73,9 @@ def _evaluate(operands: list[int], ops: list[str]) -> int:
     return sum(s * t for s, t in zip(signs, terms))
 
 
-def iter_problems(seed: int = 0, config: ArithmeticConfig = ArithmeticConfig(), start: int = 0) -> Iterator[ArithmeticProblem]:
+def iter_problems(
+    seed: int = 0, config: ArithmeticConfig = ArithmeticConfig(), start: int = 0
+) -> Iterator[ArithmeticProblem]:
     """Yield problems ``start, start+1, ...`` forever."""
     index = start
     while True:
