@@ -15,6 +15,12 @@ cd "$root"
 venv="${RLVR_VENV:-$root/.venv}"
 py="${PYTHON:-python3}"
 
+# pip, minus the machine-specific index warnings ("Location ... is ignored") that drown
+# the lines that matter; pip's own exit status is kept (pipefail).
+pip_install() {
+  "$venv/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; } >&2
+}
+
 setup() {
   if [ ! -x "$venv/bin/python" ]; then
     echo "[rlvr] creating $venv" >&2
@@ -24,11 +30,11 @@ setup() {
   want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "[rlvr] installing dependencies into $venv" >&2
-    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    pip_install --upgrade pip
     if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-      "$venv/bin/python" -m pip install -q "torch==2.13.0" >&2
+      pip_install "torch==2.13.0"
     fi
-    "$venv/bin/python" -m pip install -q -e ".[dev]" >&2
+    pip_install -e ".[dev]"
     echo "$want" >"$stamp"
   fi
   # DeepSpeed compiles a C++ op on first use; keep it out of the repo and reuse it.
