@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         from rlvr.trainer.grpo import train
     else:
         from rlvr.trainer.async_trainer import train_async as train
+    from rlvr.envs.registry import RegistryError
     from rlvr.trainer.generator_worker import GeneratorError
 
     try:
         result = train(config)
-    except FileNotFoundError as e:  # e.g. --resume with no checkpoint: a usage error, not a crash
+    except (FileNotFoundError, RegistryError) as e:  # no checkpoint to resume, unknown --env: usage errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except GeneratorError as e:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers.utils.logging as hf_logging
 from rlvr.datasets.arithmetic import ArithmeticConfig, make_problem
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
@@ -262,7 +263,15 @@ def load_model(
     """
     if name_or_path is None:
         return load_default_model(dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    # A per-tensor "Loading weights" bar is noise for a folder on disk; keep it for downloads.
+    restore = Path(name_or_path).is_dir() and hf_logging.is_progress_bar_enabled()
+    if restore:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    finally:
+        if restore:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
