@@ -21,7 +21,7 @@ The objective (``losses.py``) is by default AReaL's decoupled one (Fu et al. 202
 ``mu`` the policy that sampled (the generator's log-probabilities), ``pi_prox`` the
 learner's weights before the step and ``pi_theta`` the weights being learned:
 
-    rho = pi_theta / pi_prox,   w = min(pi_prox / mu, C)       (or 0 beyond C: --is-mode mask)
+    rho = pi_theta / pi_prox,   w = min(pi_prox / mu, C)   (C = --is-cap, 5; or 0 beyond C: --is-mode mask)
     J   = agg_{i,t} w_{i,t} * min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)  -  beta * KL
 
 The clip keeps the *update* proximal to the current weights, whatever their age when
@@ -34,8 +34,17 @@ gradient pass itself (``learner.py``).
 Where this departs from AReaL: the bound is kept per batch by admission (the generator
 waits before starting a batch; all of a batch is sampled by one version) instead of per
 request with weight updates in the middle of generation; the importance weight is
-truncated at 2 by default (AReaL masks beyond 5; ``--is-mode mask --is-cap 5`` is theirs)
-and may be per sequence; weights travel through CPU shared memory, not NCCL.
+truncated at 5 by default (AReaL masks beyond an optional cap: ``--is-mode mask``) and may
+be per sequence; batches sampled by the learner's current weights are not reweighted (see
+``losses.py``); weights travel through CPU shared memory, not NCCL.
+
+Measured on ``arithmetic`` with the default model (60 steps, 8-32 prompts x 8): at
+staleness 2 the decoupled objective ends 0.0-0.05 below the synchronous reward at
+learning rates 2e-4 to 3e-4 (uncorrected GRPO on the same stale batches: 0.2 below); at
+5e-4 to 1e-3 the tiny policy changes so much in two steps (k3 between the sampling and the
+learning weights 0.1-3 per token) that staleness costs 0.05-0.1 even with the weights,
+and ``plain``, whose clip stops pushing tokens that already moved since sampling, held
+up better there. Staleness is a learning-rate budget: keep the per-step change small.
 
 Invariants of the concurrent code (each module states its own in detail):
 

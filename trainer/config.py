@@ -107,7 +107,7 @@ class TrainConfig:
     """'grpo' (ratio to pi_prox), 'decoupled' (AReaL: ratio to pi_prox, weighted by the capped
     pi_prox/mu) or 'plain' (ratio to the sampling policy mu); absent: 'grpo' for the
     synchronous loop, 'decoupled' with --max-staleness."""
-    is_cap: float = 2.0
+    is_cap: float = 5.0
     """Cap C of the importance weight pi_prox/mu of the decoupled objective."""
     is_level: str = field(default="token", metadata={"choices": tuple(IMPORTANCE_LEVELS)})
     """Importance weight per 'token', or per 'sequence' (the product of its token ratios)."""

@@ -48,8 +48,8 @@ is set to exactly 1 (and ``plain`` takes its ratio against ``pi_prox``): every o
 then GRPO's loss bit for bit, and asynchronous training with staleness bound 0 reproduces
 the synchronous loop exactly. The measured ``pi_prox / mu`` is still logged.
 
-Departures from AReaL: the cap may truncate instead of mask (default: truncate at 2, as
-truncated importance sampling does; AReaL masks beyond 5); the weight may be per
+Departures from AReaL: the cap may truncate instead of mask (default: truncate at 5;
+AReaL masks tokens beyond an optional cap, none by default); the weight may be per
 sequence; on-policy batches are not reweighted for the sampler/learner mismatch (AReaL
 always applies the weight, which with a different inference engine also corrects that
 mismatch).
@@ -379,7 +379,7 @@ def make_loss_fn(
     beta: float = 0.0,
     aggregation: str = "token",
     constant: float = 1.0,
-    is_cap: float = 2.0,
+    is_cap: float = 5.0,
     is_level: str = "token",
     is_mode: str = "truncate",
     on_policy: bool = False,
