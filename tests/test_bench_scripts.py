@@ -1,0 +1,49 @@
+"""Smoke runs of the benchmark scripts with a tiny budget: they run and print their table.
+
+Speed targets are checked by the scripts themselves when run in full (see README); a test
+asserts behaviour only, never a timing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+def test_bench_verifiers_prints_every_verifier():
+    proc = run("bench_verifiers.py", "--scale", "0.01")
+    # Exit 1 only means a target was missed at this tiny scale (startup dominates); the table must be whole.
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    rows = {line.split()[0] for line in proc.stdout.splitlines()[2:] if line.strip()}
+    assert rows == {"gsm8k", "format", "math", "math-distinct", "code"}, proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_async_runs_sync_and_async_side_by_side():
+    proc = run("bench_async.py", "--steps", "3", "--warmup", "1", "--etas", "0", "1", "--no-sync-2",
+               "--hidden-size", "32", "--layers", "1", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sync, 1 thread" in proc.stdout and "async, eta=1" in proc.stdout, proc.stdout
+
+
+def test_make_default_model_builds_a_loadable_model(tmp_path):
+    """The warm-up script end to end with a tiny budget; the result loads through the hub code path."""
+    out = tmp_path / "model"
+    proc = run("make_default_model.py", "--out-dir", str(out), "--clean-steps", "3", "--steps", "3",
+               "--eval-problems", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from rlvr.trainer.default_model import load_model
+
+    model, tokenizer = load_model(str(out))
+    assert model.config.model_type == "qwen2"
+    assert len(tokenizer("12+7").input_ids) == 4  # one token per digit, as the arithmetic task needs
