@@ -20,7 +20,7 @@ cause.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,15 +158,21 @@ def run_episode(
     check_messages(env, obs, "reset()")
     _check_reset_info(info, "reset()")
     actions = [actions] if isinstance(actions, str) else list(actions)
+    return _step_until_done(env, lambda turn: actions[min(turn, len(actions) - 1)], "step()")
+
+
+def _step_until_done(
+    env: gymnasium.Env, action_for_turn: Callable[[int], str], label: str
+) -> tuple[float, list[dict[str, Any]]]:
+    """Step an already reset env until it ends; checks each step and bounds the turns."""
     total, infos = 0.0, []
     limit = getattr(env.unwrapped, "max_turns", None) or 64
     for turn in range(limit):
-        action = actions[min(turn, len(actions) - 1)]
-        _, reward, terminated, truncated, step_info = _check_step_result(
-            env, env.step(action), f"step() #{turn + 1}"
+        _, reward, terminated, truncated, info = _check_step_result(
+            env, env.step(action_for_turn(turn)), f"{label} #{turn + 1}"
         )
         total += reward
-        infos.append(step_info)
+        infos.append(info)
         if terminated or truncated:
             return total, infos
     _fail(f"the episode did not end after {limit} steps; a multi-turn env must truncate at max_turns")
@@ -260,16 +266,7 @@ def check_gold(
 def _gold_episode(env: gymnasium.Env, gold: Any) -> tuple[float, list[dict[str, Any]]]:
     # The env is already reset on the task; gold_action() needs that current task.
     action = gold()
-    total, infos = 0.0, []
-    limit = getattr(env.unwrapped, "max_turns", None) or 64
-    for turn in range(limit):
-        _, reward, terminated, truncated, info = _check_step_result(env, env.step(action), f"gold step #{turn + 1}")
-        total += reward
-        infos.append(info)
-        if terminated or truncated:
-            return total, infos
-    _fail(f"the episode did not end after {limit} steps; a multi-turn env must truncate at max_turns")
-    raise AssertionError("unreachable")
+    return _step_until_done(env, lambda turn: action, "gold step")
 
 
 def check_garbage(env: gymnasium.Env, garbage: Sequence[str] = GARBAGE, indices: Sequence[int] = (0, 1)) -> None:
