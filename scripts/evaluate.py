@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from rlvr.envs.registry import RegistryError
-from rlvr.trainer.config import _parse_json_object
+from rlvr.trainer.config import json_object_arg
 from rlvr.trainer.evaluation import evaluate
 from rlvr.trainer.types import SamplingParams
 
@@ -23,7 +23,7 @@ from rlvr.trainer.types import SamplingParams
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="mean reward of a model on an rlvr environment")
     p.add_argument("--env", required=True, help="short name, gymnasium id, module:Class or file.py:Class")
-    p.add_argument("--env-kwargs", type=_parse_json_object, default={}, help="JSON object of env arguments")
+    p.add_argument("--env-kwargs", type=json_object_arg, default={}, help="JSON object of env arguments")
     p.add_argument("--model", default=None, help="hub id or local folder (default: the bundled default model)")
     p.add_argument("--num-tasks", type=int, default=100, help="tasks 0..N-1 (fewer if the env has fewer)")
     p.add_argument("--samples", type=int, default=1, help="samples per task; rewards are averaged per task")

@@ -17,13 +17,13 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from rlvr.envs.registry import parse_env_kwargs
 from rlvr.trainer.advantages import SCALES
 from rlvr.trainer.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
 
@@ -193,14 +193,12 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
     return docs
 
 
-def _parse_json_object(text: str) -> dict[str, Any]:
+def json_object_arg(text: str) -> dict[str, Any]:
+    """Argparse type for a JSON object flag; the one parser is ``rlvr.envs.registry.parse_env_kwargs``."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"digits\": 2}}', got {text!r}")
-    return value
+        return parse_env_kwargs(text)
+    except ValueError as e:  # argparse shows an ArgumentTypeError's message as is
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "env_kwargs":
-            parser.add_argument(flag, type=_parse_json_object, metavar="JSON", **kwargs)
+            parser.add_argument(flag, type=json_object_arg, metavar="JSON", **kwargs)
         else:
             parser.add_argument(flag, type=_FIELD_TYPES.get(str(f.type), str), **kwargs)
     return parser
