@@ -69,6 +69,25 @@ class TrainBatch:
             width = int(self.attention_mask[rows].sum(-1).max().item())  # right padding
             yield self._slice(rows, width)
 
+    def shard(self, rank: int, world_size: int) -> TrainBatch:
+        """Rank ``rank``'s contiguous, equal share of the rows, for data-parallel learning.
+
+        Like ``micro_batches``, the shard keeps the whole batch's ``num_sequences`` /
+        ``num_tokens``, so the shards' losses add up to the batch loss (and their
+        gradients to its gradient). Rows are not trimmed: every rank keeps the batch width.
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if self.size % world_size:
+            raise ValueError(
+                f"a batch of {self.size} rows does not split evenly over {world_size} ranks; "
+                f"make prompts_per_step * group_size a multiple of {world_size}"
+            )
+        if world_size == 1:
+            return self
+        share = self.size // world_size
+        return self._slice(slice(rank * share, (rank + 1) * share), int(self.input_ids.shape[1]))
+
     def _slice(self, rows: slice, width: int) -> TrainBatch:
         def cut(t: torch.Tensor | None, cols: int) -> torch.Tensor | None:
             return None if t is None else t[rows, :cols]

@@ -21,6 +21,13 @@ The model stays in eval mode while learning: dropout would make pi_theta differ 
 pi_prox on identical weights, so the first ratio would not be 1 (RL fine-tuning
 practice; the tiny default model and Qwen2 have no dropout anyway).
 
+The step algorithm lives once in ``MicroBatchLearner``; ``TorchLearner`` and the
+DeepSpeed learner (``deepspeed_learner.py``) differ only in five small hooks (how a
+micro-batch's loss is backpropagated, how the accumulated gradient is clipped and
+applied, where the learning rate is read, how metric sums are combined over ranks), so
+both report the same metrics with the same meaning. ``step(batch, loss_fn)`` may
+override the loss chosen at construction for one batch.
+
 ``version`` counts completed ``step`` calls; the loop hands it to the generator with the
 new weights, and rollouts record which version sampled them.
 """
@@ -28,6 +35,7 @@ new weights, and rollouts record which version sampled them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,10 +47,155 @@ from transformers import AutoModelForCausalLM
 _STATE_FILE = "learner_state.pt"
 
 # Diagnostics of LossOutputs averaged over micro-batches (token-weighted) and iterations.
+# Keys of the token count and entropy sum while metric sums are reduced over ranks.
+_TOKENS, _ENTROPY = "__tokens__", "__entropy_sum__"
 _LOSS_METRICS = ("policy_loss", "kl", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "behavior_kl")
 
 
-class TorchLearner:
+class MicroBatchLearner:
+    """The step algorithm shared by every learner; subclasses say how gradients are made and applied.
+
+    ``step`` (scoring pi_prox / pi_ref, micro-batch accumulation, metric reduction) lives
+    here once, so the torch and DeepSpeed learners cannot drift apart in what a step
+    means or in the metrics it reports. A subclass sets the attributes listed in
+    ``_setup_common`` plus ``model`` (the policy module that is scored) and implements
+    five hooks:
+
+    - ``_zero_grad()``: clear gradients before an iteration's first micro-batch;
+    - ``_backward(loss, last)``: backpropagate one micro-batch's loss (``last``: the
+      iteration's final micro-batch, where DeepSpeed reduces gradients over ranks);
+    - ``_optimizer_step() -> float``: clip and apply the accumulated gradient, advance the
+      schedule, return the global gradient norm before clipping;
+    - ``_learning_rate() -> float``: the learning rate the next step will use;
+    - ``_all_reduce(sums) -> sums``: combine per-rank metric sums (identity in one process).
+    """
+
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    loss_fn: LossFn
+    num_iterations: int
+    micro_batch_size: int
+    temperature: float
+    version: int
+    device: torch.device
+
+    def _setup_common(
+        self,
+        loss_fn: LossFn,
+        ref_model: torch.nn.Module | None,
+        num_iterations: int,
+        micro_batch_size: int,
+        temperature: float,
+        version: int,
+    ) -> None:
+        self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
+        self.loss_fn = loss_fn
+        self.num_iterations = num_iterations
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+        self.version = version
+
+    def step(self, batch: TrainBatch, loss_fn: LossFn | None = None) -> dict[str, float]:
+        """Learn from one generation batch (``num_iterations`` optimizer steps); return metrics.
+
+        ``loss_fn`` overrides the loss chosen at construction for this batch only (the
+        asynchronous trainer picks one of two losses built at setup per batch).
+        """
+        loss_fn = self.loss_fn if loss_fn is None else loss_fn
+        self.model.eval()
+        batch = batch.to(self.device)
+        if batch.num_tokens == 0:  # everything masked (e.g. all truncated): nothing to learn
+            self.version += 1
+            return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self._learning_rate()}
+        if batch.old_logprobs is None and self.num_iterations > 1:
+            batch.old_logprobs = self._score(self.model, batch)
+        if self.ref_model is not None and batch.ref_logprobs is None:
+            batch.ref_logprobs = self._score(self.ref_model, batch)
+        totals: dict[str, float] = dict.fromkeys((*_LOSS_METRICS, "loss", "grad_norm"), 0.0)
+        entropy = math.nan
+        for iteration in range(self.num_iterations):
+            self._zero_grad()
+            sums, ent = self._accumulate(batch, loss_fn, with_entropy=iteration == 0)
+            if iteration == 0:
+                entropy = ent
+            grad_norm = self._optimizer_step()
+            for k, v in sums.items():
+                totals[k] = _reduce(k, totals.get(k), v / self.num_iterations if _is_mean(k) else v)
+            totals["grad_norm"] += grad_norm / self.num_iterations
+        self.version += 1
+        return {
+            **totals,
+            "entropy": entropy,
+            "learning_rate": self._learning_rate(),
+            "train_tokens": float(batch.num_tokens),
+            "train_sequences": float(batch.num_sequences),
+        }
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+        """Log-probabilities of every target token under ``model``: [B, T-1], no grad."""
+        parts = []
+        width = batch.loss_mask.shape[1]
+        for mb in batch.micro_batches(self.micro_batch_size):
+            lp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
+            parts.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))  # back to full width
+        return torch.cat(parts)
+
+    def _accumulate(self, batch: TrainBatch, loss_fn: LossFn, with_entropy: bool) -> tuple[dict[str, float], float]:
+        """Forward and backward every micro-batch; return token-weighted mean diagnostics.
+
+        Sums are reduced over ranks (``_all_reduce``) before dividing by the token count,
+        so every rank reports the whole batch's means; the loss is a plain sum, since each
+        micro-batch's loss is already normalised by whole-batch counts.
+        """
+        sums = dict.fromkeys((*_LOSS_METRICS, "loss"), 0.0)
+        entropy_sum, tokens = 0.0, 0.0
+        micro_batches = list(batch.micro_batches(self.micro_batch_size))
+        for i, mb in enumerate(micro_batches):
+            if with_entropy:
+                scored = sequence_logprobs_and_entropy(
+                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature
+                )
+                logprobs = scored.logprobs  # [b, t-1]
+                entropy_sum += float((scored.entropy.detach() * mb.loss_mask).sum())
+            else:
+                logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
+            out: LossOutputs = loss_fn(_loss_inputs(mb, logprobs))
+            self._backward(out.loss, last=i == len(micro_batches) - 1)
+            n = float(mb.loss_mask.sum().item())
+            tokens += n
+            sums["loss"] += float(out.loss.detach())  # already normalised by whole-batch counts
+            for k in _LOSS_METRICS:
+                sums[k] += float(getattr(out, k)) * n
+            for k, v in out.extra.items():  # objective-specific diagnostics
+                sums[k] = _reduce(k, sums.get(k), float(v) * n if _is_mean(k) else float(v))
+        reduced = self._all_reduce({**sums, _TOKENS: tokens, _ENTROPY: entropy_sum})
+        tokens, entropy_sum = reduced.pop(_TOKENS), reduced.pop(_ENTROPY)
+        sums = {k: reduced[k] for k in sums}  # keep the metrics' order
+        for k in sums:
+            if k != "loss" and _is_mean(k):
+                sums[k] /= max(tokens, 1.0)
+        return sums, entropy_sum / max(tokens, 1.0) if with_entropy else math.nan
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def _zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        raise NotImplementedError
+
+    def _optimizer_step(self) -> float:
+        raise NotImplementedError
+
+    def _learning_rate(self) -> float:
+        raise NotImplementedError
+
+    def _all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        return sums
+
+
+class TorchLearner(MicroBatchLearner):
     """Implements the ``Learner`` protocol with a single torch model and AdamW."""
 
     def __init__(
@@ -60,56 +213,15 @@ class TorchLearner:
         temperature: float = 1.0,
         version: int = 0,
     ):
+        self._setup_common(loss_fn, ref_model, num_iterations, micro_batch_size, temperature, version)
         self.model = model
-        self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
-        self.loss_fn = loss_fn
         self.max_grad_norm = max_grad_norm
-        self.num_iterations = num_iterations
-        self.micro_batch_size = micro_batch_size
-        self.temperature = temperature
-        self.version = version
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
-        # Linear warmup over optimizer steps, then constant.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(warmup_steps))
 
     # --- the Learner protocol ----------------------------------------------------------
-
-    def step(self, batch: TrainBatch) -> dict[str, float]:
-        """Learn from one generation batch (``num_iterations`` optimizer steps); return metrics."""
-        self.model.eval()
-        batch = batch.to(self.device)
-        if batch.num_tokens == 0:  # everything masked (e.g. all truncated): nothing to learn
-            self.version += 1
-            return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self.optimizer.param_groups[0]["lr"]}
-        if batch.old_logprobs is None and self.num_iterations > 1:
-            batch.old_logprobs = self._score(self.model, batch)
-        if self.ref_model is not None and batch.ref_logprobs is None:
-            batch.ref_logprobs = self._score(self.ref_model, batch)
-        totals: dict[str, float] = dict.fromkeys((*_LOSS_METRICS, "loss", "grad_norm"), 0.0)
-        entropy = math.nan
-        for iteration in range(self.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            sums, ent = self._accumulate(batch, with_entropy=iteration == 0)
-            if iteration == 0:
-                entropy = ent
-            grad_norm = self._clip_gradients()
-            self.optimizer.step()
-            self.scheduler.step()
-            for k, v in sums.items():
-                totals[k] = _reduce(k, totals.get(k), v / self.num_iterations if _is_mean(k) else v)
-            totals["grad_norm"] += grad_norm / self.num_iterations
-        self.version += 1
-        return {
-            **totals,
-            "entropy": entropy,
-            "learning_rate": self.optimizer.param_groups[0]["lr"],
-            "train_tokens": float(batch.num_tokens),
-            "train_sequences": float(batch.num_sequences),
-        }
 
     def weights_for_generation(self) -> dict[str, torch.Tensor]:
         """Return the current weights by name (detached views; copy before mutating)."""
@@ -138,44 +250,22 @@ class TorchLearner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = int(state["version"])
 
-    # --- internals -----------------------------------------------------------------------
+    # --- hooks of MicroBatchLearner --------------------------------------------------------
 
-    @torch.no_grad()
-    def _score(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
-        """Log-probabilities of every target token under ``model``: [B, T-1], no grad."""
-        parts = []
-        width = batch.loss_mask.shape[1]
-        for mb in batch.micro_batches(self.micro_batch_size):
-            lp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
-            parts.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))  # back to full width
-        return torch.cat(parts)
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def _accumulate(self, batch: TrainBatch, with_entropy: bool) -> tuple[dict[str, float], float]:
-        """Forward and backward every micro-batch; return token-weighted mean diagnostics."""
-        sums = dict.fromkeys((*_LOSS_METRICS, "loss"), 0.0)
-        entropy_sum, tokens = 0.0, 0.0
-        for mb in batch.micro_batches(self.micro_batch_size):
-            if with_entropy:
-                scored = sequence_logprobs_and_entropy(
-                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature
-                )
-                logprobs = scored.logprobs  # [b, t-1]
-                entropy_sum += float((scored.entropy.detach() * mb.loss_mask).sum())
-            else:
-                logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
-            out: LossOutputs = self.loss_fn(_loss_inputs(mb, logprobs))
-            out.loss.backward()
-            n = float(mb.loss_mask.sum().item())
-            tokens += n
-            sums["loss"] += float(out.loss.detach())  # already normalised by whole-batch counts
-            for k in _LOSS_METRICS:
-                sums[k] += float(getattr(out, k)) * n
-            for k, v in out.extra.items():  # objective-specific diagnostics
-                sums[k] = _reduce(k, sums.get(k), float(v) * n if _is_mean(k) else float(v))
-        for k in sums:
-            if k != "loss" and _is_mean(k):
-                sums[k] /= max(tokens, 1.0)
-        return sums, entropy_sum / max(tokens, 1.0) if with_entropy else math.nan
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def _optimizer_step(self) -> float:
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+    def _learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm to ``max_grad_norm`` (0: no clipping); return the norm."""
@@ -184,6 +274,15 @@ class TorchLearner:
         if not grads:
             return 0.0
         return float(torch.nn.utils.clip_grad_norm_(grads, limit))
+
+
+def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier of optimizer step s: linear warmup over ``warmup_steps`` steps, then constant."""
+
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return factor
 
 
 def _is_mean(name: str) -> bool:
