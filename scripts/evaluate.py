@@ -15,8 +15,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from rlvr.envs.registry import RegistryError
-from rlvr.trainer.config import json_object_arg
+from rlvr.trainer.config import GENERATORS, json_object_arg
+from rlvr.trainer.engines import EngineUnavailable
 from rlvr.trainer.evaluation import evaluate
+from rlvr.trainer.metrics import log_to_stderr
 from rlvr.trainer.types import SamplingParams
 
 
@@ -31,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generator", choices=GENERATORS, default="auto",
+                   help="vllm, transformers, or auto: vLLM where installed and on CUDA (default: auto)")
     p.add_argument("--output", type=Path, help="write one JSON line per episode here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    log_to_stderr()
     for name in ("num_tasks", "samples", "max_new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -45,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         with args.output.open("w", encoding="utf-8") if args.output else nullcontext() as out:
             result = evaluate(args.env, model=args.model, env_kwargs=args.env_kwargs, num_tasks=args.num_tasks,
                               samples=args.samples, params=params, seed=args.seed, output=out,
-                              progress=not args.no_progress)
-    except RegistryError as e:
+                              progress=not args.no_progress, generator_kind=args.generator)
+    except (RegistryError, EngineUnavailable) as e:
         p.error(str(e))
     print(f"env {args.env}: {len(result.task_rewards)} tasks x {args.samples} samples, "
           f"mean reward {result.mean_reward:.4f}, solved {result.solved_fraction:.2%}, {result.seconds:.1f} s")

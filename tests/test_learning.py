@@ -8,6 +8,7 @@ planted skill, not discovering arithmetic.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -38,17 +39,37 @@ FLAGS = [
 ]  # fmt: skip
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+ENGINES = [
+    pytest.param([], id="transformers+torch"),
+    # The real engines: vLLM (its CPU build here) sampling, DeepSpeed learning, weights synced every step.
+    pytest.param(
+        ["--generator", "vllm", "--learner", "deepspeed", "--zero-stage", "2"],
+        id="vllm+deepspeed",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.deepspeed,
+            pytest.mark.skipif(not (_installed("vllm") and _installed("deepspeed")), reason="needs vllm and deepspeed"),
+        ],
+    ),
+]
+
+
 @pytest.mark.slow
-def test_grpo_raises_arithmetic_reward(tmp_path):
+@pytest.mark.parametrize("engines", ENGINES)
+def test_grpo_raises_arithmetic_reward(tmp_path, engines):
     out = tmp_path / "run"
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, "--output-dir", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *engines, "--output-dir", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]

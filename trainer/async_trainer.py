@@ -81,12 +81,13 @@ from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import load_model
+from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
 from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
-from rlvr.trainer.grpo import TrainResult, build_learner, build_loss_fn, resolve_device, seed_everything
-from rlvr.trainer.learner import TorchLearner
+from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything
 from rlvr.trainer.losses import LossFn
 from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
 from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
+from rlvr.trainer.types import Learner
 from rlvr.trainer.weight_transport import SharedMemoryTransport
 from tqdm import tqdm
 
@@ -99,7 +100,7 @@ def train_async(config: TrainConfig) -> TrainResult:
         raise ValueError("train_async needs config.max_staleness (0 for the synchronous schedule)")
     resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
     learner, tokenizer = _setup_learner(config)
-    losses = _losses(config, learner)
+    losses = _losses(config)
     start = load_checkpoint(resume_from, learner).step if resume_from is not None else 0
     record: dict[str, Any] = {}
     checkpoint, done = None, start
@@ -148,26 +149,34 @@ class _Losses:
     """mu is pi_prox: GRPO's loss bit for bit, whatever the objective (``losses.py``)."""
 
 
-def _setup_learner(config: TrainConfig) -> tuple[TorchLearner, Any]:
+def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
     seed_everything(config.seed)
     if role_threads(config) > 0:
         torch.set_num_threads(role_threads(config))
     make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
     device = resolve_device(config.device)
+    _, world = learner_ranks(config, device)
+    if world > 1:
+        raise EngineError(
+            f"the asynchronous pipeline runs one learner rank, not {world}: drop the launcher or --max-staleness"
+        )
+    choice = choose_generator(config.generator, device)  # checked here; built in the generator process
+    logger.info("generator: %s (%s), in the generator process; learner: %s", choice.kind, choice.reason, config.learner)
     model, tokenizer = load_model(config.model)
     model.to(device)
     learner = build_learner(config, model, device, objective=config.objective or "decoupled")
     return learner, tokenizer
 
 
-def _losses(config: TrainConfig, learner: TorchLearner) -> _Losses:
+def _losses(config: TrainConfig) -> _Losses:
     return _Losses(
-        stale=learner.loss_fn, on_policy=build_loss_fn(config, config.objective or "decoupled", on_policy=True)
+        stale=build_loss_fn(config, config.objective or "decoupled"),
+        on_policy=build_loss_fn(config, config.objective or "decoupled", on_policy=True),
     )
 
 
 def _train_step(
-    config: TrainConfig, step: int, pipeline: _Pipeline, learner: TorchLearner, losses: _Losses, pad_id: int
+    config: TrainConfig, step: int, pipeline: _Pipeline, learner: Learner, losses: _Losses, pad_id: int
 ) -> dict[str, Any]:
     """Take batch ``step``, learn from it, publish the new weights; return the step's metrics."""
     watch, t0 = Stopwatch(), time.perf_counter()
@@ -179,9 +188,8 @@ def _train_step(
     batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], pad_id, config.mask_truncated)
     staleness = [learner.version - v for e in rollouts.episodes for v in e.versions]
     # Chosen per batch among the two built at setup: a fresh batch learns with GRPO's exact numbers.
-    learner.loss_fn = losses.on_policy if max(staleness) == 0 else losses.stale
     with watch.time("learning"):
-        learned = learner.step(batch)
+        learned = learner.step(batch, loss_fn=losses.on_policy if max(staleness) == 0 else losses.stale)
     with watch.time("publish"):
         pipeline.publish(learner)
     step_seconds = time.perf_counter() - t0
@@ -214,7 +222,7 @@ def _train_step(
 class _Pipeline:
     """The learner's handle on the generator side: transport, process, buffer, restarts."""
 
-    def __init__(self, config: TrainConfig, learner: TorchLearner, start: int):
+    def __init__(self, config: TrainConfig, learner: Learner, start: int):
         self.config = config
         self.ctx = torch.multiprocessing.get_context("spawn")
         self.buffer: RolloutBuffer[RolloutMessage] = RolloutBuffer(Admission(config.max_staleness or 0), start + 1)
@@ -222,7 +230,7 @@ class _Pipeline:
         self.process: GeneratorProcess | None = None
         self._start(learner, after_step=start)
 
-    def _start(self, learner: TorchLearner, after_step: int) -> None:
+    def _start(self, learner: Learner, after_step: int) -> None:
         # A fresh transport per process: a dead child may have left the old one's lock held.
         weights = learner.weights_for_generation()
         self.transport = SharedMemoryTransport(weights, self.ctx.Lock())
@@ -232,7 +240,7 @@ class _Pipeline:
         )
         self.process = GeneratorProcess(self.ctx, spec, self.transport)
 
-    def take(self, step: int, learner: TorchLearner) -> RolloutItem[RolloutMessage]:
+    def take(self, step: int, learner: Learner) -> RolloutItem[RolloutMessage]:
         """Return batch ``step``, receiving batches (and restarting a dead generator) until it is here."""
         assert self.process is not None
         while not self.buffer.has(step):
@@ -252,7 +260,7 @@ class _Pipeline:
             self.buffer.put(RolloutItem(message.step, message.version, message))
         return self.buffer.take(step, learner.version)
 
-    def publish(self, learner: TorchLearner) -> None:
+    def publish(self, learner: Learner) -> None:
         self.transport.publish(learner.weights_for_generation(), learner.version)
 
     def close(self) -> None:

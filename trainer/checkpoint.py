@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import yaml
 from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.distributed import barrier, is_main
 from rlvr.trainer.types import Learner
 
 CHECKPOINTS = "checkpoints"
@@ -51,19 +52,29 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, learner: Learner, tokenizer: Any, config: TrainConfig) -> Path:
-    """Write the checkpoint of ``step`` completed steps; return its folder."""
+    """Write the checkpoint of ``step`` completed steps; return its folder.
+
+    Collective with several learner ranks (every rank calls it): each writes its part
+    through ``learner.save`` (DeepSpeed's sharded optimizer state) into the same folder,
+    and rank 0 alone writes the rest and renames the folder once all are done.
+    """
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
+    main = is_main()
+    if main and tmp.exists():
         shutil.rmtree(tmp)
+    barrier()
     learner.save(str(tmp))
-    tokenizer.save_pretrained(tmp)
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    torch.save(_rng_state(), tmp / "rng_state.pt")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    barrier()
+    if main:
+        tokenizer.save_pretrained(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        torch.save(_rng_state(), tmp / "rng_state.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    barrier()
     return final
 
 

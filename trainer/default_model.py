@@ -256,11 +256,7 @@ def load_default_model(
 def load_model(
     name_or_path: str | None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and tokenizer: the default model for None, else a hub id or path.
-
-    The tokenizer pads on the left (generation appends on the right) and falls back to
-    EOS as its pad token when it has none (Llama-style tokenizers).
-    """
+    """Load a causal LM and tokenizer (``load_tokenizer``): the default model for None, else a hub id or path."""
     if name_or_path is None:
         return load_default_model(dtype=dtype)
     # A per-tensor "Loading weights" bar is noise for a folder on disk; keep it for downloads.
@@ -272,8 +268,17 @@ def load_model(
     finally:
         if restore:
             hf_logging.enable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model.eval(), load_tokenizer(name_or_path)
+
+
+def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of ``load_model`` alone (for a generator that loads its own weights, as vLLM does).
+
+    It pads on the left (generation appends on the right) and falls back to EOS as its
+    pad token when it has none (Llama-style tokenizers).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR) if name_or_path is None else name_or_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return tokenizer

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import statistics
 import sys
 import time
@@ -22,10 +23,13 @@ from typing import IO, Any
 
 import torch
 from rlvr.envs.registry import make_env
-from rlvr.trainer.default_model import load_model
-from rlvr.trainer.generation import TransformersGenerator
+from rlvr.trainer.default_model import load_tokenizer
+from rlvr.trainer.engines import build_generator, choose_generator, model_source
 from rlvr.trainer.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
 from rlvr.trainer.types import SamplingParams
+from transformers import AutoConfig
+
+logger = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -63,20 +67,25 @@ def evaluate(
     seed: int = 0,
     output: IO[str] | None = None,
     progress: bool = True,
+    generator_kind: str = "auto",
 ) -> EvalResult:
-    """Play ``num_tasks`` tasks ``samples`` times each; write one JSON line per episode to ``output``."""
+    """Play ``num_tasks`` tasks ``samples`` times each; write one JSON line per episode to ``output``.
+
+    ``generator_kind`` is the trainer's ``--generator`` (auto, transformers, vllm).
+    """
     from tqdm import tqdm
 
     envs = [make_env(env, **(env_kwargs or {})) for _ in range(TASKS_PER_BATCH * samples)]
     available = getattr(envs[0].unwrapped, "num_tasks", None)
     if isinstance(available, int):
         num_tasks = min(num_tasks, available)
-    policy, tokenizer = load_model(model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy.to(device)
-    generator = TransformersGenerator(policy, tokenizer, device=device, seed=seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choice = choose_generator(generator_kind, device)
+    logger.info("generator: %s (%s)", choice.kind, choice.reason)
+    tokenizer = load_tokenizer(model)
+    generator = build_generator(choice, model, tokenizer, device, seed=seed)
     renderer = EnvMessageRenderer(tokenizer, set(generator.eos_ids))
-    max_context = int(getattr(policy.config, "max_position_embeddings", 2048))
+    max_context = int(getattr(AutoConfig.from_pretrained(model_source(model)), "max_position_embeddings", 2048))
     result, start = EvalResult(), time.perf_counter()
     with tqdm(total=num_tasks, disable=not progress, desc="evaluate", unit="task", file=sys.stderr) as bar:
         for first in range(0, num_tasks, TASKS_PER_BATCH):

@@ -1,7 +1,8 @@
 """The generator process: it samples the batches of the coming steps while the learner learns.
 
-Child side, :func:`run_generator`: its own copy of the model (architecture loaded as
-``--model`` names it, weights from the transport), its own environments and so its own
+Child side, :func:`run_generator`: its own generator (``--generator``: transformers, or
+vLLM in-process), on its own copy of the model (architecture loaded as ``--model`` names
+it, weights from the transport), its own environments and so its own
 reward computation (the verifier pools and the code sandbox work from any process), and
 the same task schedule and per-step sampling seeds as the synchronous loop. Parent side,
 :class:`GeneratorProcess`: starts it (``spawn``), receives its batches, stops it.
@@ -46,8 +47,8 @@ from typing import Any
 
 import torch
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import load_model
-from rlvr.trainer.generation import TransformersGenerator
+from rlvr.trainer.default_model import load_tokenizer
+from rlvr.trainer.engines import build_generator, choose_generator, model_source
 from rlvr.trainer.grpo import (
     build_envs,
     max_context,
@@ -60,6 +61,7 @@ from rlvr.trainer.grpo import (
 from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
 from rlvr.trainer.rollout_queue import Admission
 from rlvr.trainer.weight_transport import WeightTransport
+from transformers import AutoConfig
 
 _POLL = 0.1  # seconds between liveness checks while waiting
 _PR_SET_PDEATHSIG = 1
@@ -155,12 +157,14 @@ class _Worker:
         self.envs = build_envs(config)
         self.schedule = task_schedule(config, self.envs[0])
         device = resolve_device(config.device)
-        model, self.tokenizer = load_model(config.model)
-        self.generator = TransformersGenerator(model.to(device), self.tokenizer, device=device, seed=config.seed)
+        # The generator config.generator names (vLLM in-process here), on its own copy of the weights.
+        self.tokenizer = load_tokenizer(config.model)
+        choice = choose_generator(config.generator, device)
+        self.generator = build_generator(choice, config.model, self.tokenizer, device, seed=config.seed)
         self.generator.version = -1  # nothing received yet: the loaded weights are not used
         self.renderer = EnvMessageRenderer(self.tokenizer, set(self.generator.eos_ids))
         self.sampling = sampling_params(config)
-        self.max_context = max_context(model)
+        self.max_context = max_context(AutoConfig.from_pretrained(model_source(config.model)))
 
     def produce(self, step: int, should_stop: Any) -> RolloutMessage | None:
         """Wait for admissible weights, take the newest, play step ``step``; None if told to stop."""

