@@ -83,9 +83,9 @@ from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
 from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
-from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything
+from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
 from rlvr.trainer.losses import LossFn
-from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
+from rlvr.trainer.metrics import MetricsWriter, Stopwatch
 from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
 from rlvr.trainer.types import Learner
 from rlvr.trainer.weight_transport import SharedMemoryTransport
@@ -193,16 +193,8 @@ def _train_step(
     with watch.time("publish"):
         pipeline.publish(learner)
     step_seconds = time.perf_counter() - t0
-    stats = rollout_metrics(rollouts)
     generator_seconds = message.wait_seconds + message.receive_seconds + message.busy_seconds
-    record: dict[str, Any] = {"step": step, **stats, **learned}
-    record |= timing_metrics(
-        stats["generated_tokens"],
-        rollouts.generation_seconds,
-        rollouts.env_seconds,
-        watch.seconds["learning"],
-        step_seconds,
-    )
+    record = step_record(step, rollouts, learned, watch.seconds["learning"], step_seconds)
     record |= staleness_metrics(staleness, config.max_staleness or 0)
     record |= {
         "policy_version": float(item.version),

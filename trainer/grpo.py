@@ -126,7 +126,8 @@ def train(config: TrainConfig) -> TrainResult:
                 _sync_weights(run)
             # 5. Log, checkpoint.
             if writer is not None and rollouts is not None:
-                record = _step_record(step, rollouts, learned, watch, time.perf_counter() - t0)
+                record = step_record(step, rollouts, learned, watch.seconds["learning"], time.perf_counter() - t0)
+                record["time/weight_sync"] = watch.seconds["weight_sync"]
                 writer.write(record)
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
@@ -153,20 +154,15 @@ def _sync_weights(run: _Run) -> None:
         run.generator.update_weights(weights, run.learner.version)
 
 
-def _step_record(
-    step: int, rollouts: RolloutBatch, learned: dict[str, float], watch: Stopwatch, step_seconds: float
+def step_record(
+    step: int, rollouts: RolloutBatch, learned: dict[str, float], learning_seconds: float, step_seconds: float
 ) -> dict[str, Any]:
-    """Return the metrics.jsonl line of one synchronous step."""
+    """Return the metrics.jsonl line of one step: rollout statistics, the learner's metrics, timings."""
     stats = rollout_metrics(rollouts)
     record: dict[str, Any] = {"step": step, **stats, **learned}
     record |= timing_metrics(
-        stats["generated_tokens"],
-        rollouts.generation_seconds,
-        rollouts.env_seconds,
-        watch.seconds["learning"],
-        step_seconds,
+        stats["generated_tokens"], rollouts.generation_seconds, rollouts.env_seconds, learning_seconds, step_seconds
     )
-    record["time/weight_sync"] = watch.seconds["weight_sync"]
     return record
 
 
