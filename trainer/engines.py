@@ -101,7 +101,10 @@ def build_generator(
     if choice.kind == "vllm":
         from rlvr.trainer.vllm_generator import VLLMGenerator
 
-        return VLLMGenerator(model_source(model_name), tokenizer, device=str(device), seed=seed)
+        # On a CPU the learner is fp32 (and vLLM's "auto" would pick bf16): sample from the
+        # weights the learner scores with, so importance ratios start at exactly 1.
+        dtype = "float32" if device.type == "cpu" else "auto"
+        return VLLMGenerator(model_source(model_name), tokenizer, device=str(device), seed=seed, dtype=dtype)
     if model is None:
         model = load_model(model_name)[0]
     return TransformersGenerator(model.to(device), tokenizer, device=device, seed=seed)
