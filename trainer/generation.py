@@ -168,7 +168,7 @@ class TransformersGenerator:
 
     def _finished(self, ids: list[int], params: SamplingParams) -> FinishReason | None:
         """Return 'stop' if the completion ``ids`` just hit EOS or a stop string, else None."""
-        if ids[-1] in self.eos_ids:
+        if ids[-1] in self.eos_ids and not params.ignore_eos:
             return "stop"
         if params.stop:
             # A stop string can span several tokens, and a byte-level token can be a

@@ -31,6 +31,8 @@ class SamplingParams:
     """Stop strings: generation of a completion ends once its text contains one (it is kept)."""
     seed: int | None = None
     """Seed for this call's sampling; None draws from the generator's own stream."""
+    ignore_eos: bool = False
+    """Keep sampling past EOS (until max_new_tokens), for benchmarks of equal lengths."""
 
 
 @dataclass
