@@ -45,7 +45,7 @@ def launched() -> bool:
 
 
 def backend_for(device: torch.device) -> str:
-    """The collective backend for ``device``: NCCL on CUDA, gloo otherwise."""
+    """Return the collective backend for ``device``: NCCL on CUDA, gloo otherwise."""
     return "nccl" if device.type == "cuda" else "gloo"
 
 
@@ -71,12 +71,12 @@ def _active() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 without a process group)."""
+    """Return this process's rank (0 without a process group)."""
     return dist.get_rank() if _active() else 0
 
 
 def world_size() -> int:
-    """The number of ranks (1 without a process group)."""
+    """Return the number of ranks (1 without a process group)."""
     return dist.get_world_size() if _active() else 1
 
 

@@ -49,6 +49,9 @@ _STATE_FILE = "learner_state.pt"
 # Diagnostics of LossOutputs averaged over micro-batches (token-weighted) and iterations.
 # Keys of the token count and entropy sum while metric sums are reduced over ranks.
 _TOKENS, _ENTROPY = "__tokens__", "__entropy_sum__"
+# Parts of the loss, normalised by whole-batch counts: they add up over micro-batches and
+# ranks (weighting them by tokens, as the diagnostics are, would depend on the micro-batching).
+_SUMMED = ("loss", "policy_loss")
 _LOSS_METRICS = ("policy_loss", "kl", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "behavior_kl")
 
 
@@ -145,8 +148,8 @@ class MicroBatchLearner:
         """Forward and backward every micro-batch; return token-weighted mean diagnostics.
 
         Sums are reduced over ranks (``_all_reduce``) before dividing by the token count,
-        so every rank reports the whole batch's means; the loss is a plain sum, since each
-        micro-batch's loss is already normalised by whole-batch counts.
+        so every rank reports the whole batch's means; the loss and policy loss are plain
+        sums, since each micro-batch's loss is already normalised by whole-batch counts.
         """
         sums = dict.fromkeys((*_LOSS_METRICS, "loss"), 0.0)
         entropy_sum, tokens = 0.0, 0.0
@@ -166,14 +169,14 @@ class MicroBatchLearner:
             tokens += n
             sums["loss"] += float(out.loss.detach())  # already normalised by whole-batch counts
             for k in _LOSS_METRICS:
-                sums[k] += float(getattr(out, k)) * n
+                sums[k] += float(getattr(out, k)) * (1.0 if k in _SUMMED else n)
             for k, v in out.extra.items():  # objective-specific diagnostics
                 sums[k] = _reduce(k, sums.get(k), float(v) * n if _is_mean(k) else float(v))
         reduced = self._all_reduce({**sums, _TOKENS: tokens, _ENTROPY: entropy_sum})
         tokens, entropy_sum = reduced.pop(_TOKENS), reduced.pop(_ENTROPY)
         sums = {k: reduced[k] for k in sums}  # keep the metrics' order
         for k in sums:
-            if k != "loss" and _is_mean(k):
+            if k not in _SUMMED and _is_mean(k):
                 sums[k] /= max(tokens, 1.0)
         return sums, entropy_sum / max(tokens, 1.0) if with_entropy else math.nan
 
