@@ -125,6 +125,17 @@ def test_sync_loop_with_vllm_logs_weight_sync_and_resumes(tmp_path):
 
 @pytest.mark.vllm
 @needs_vllm
+def test_multi_turn_episodes_run_on_vllm(tmp_path):
+    """The rollout code asks vLLM for the next turn of each live episode, as it does transformers."""
+    proc = _train("--env", "code-multiturn", "--env-kwargs", '{"max_turns": 2}', "--generator", "vllm",
+                  "--max-steps", "1", "--output-dir", str(tmp_path), *SMALL)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = _records(tmp_path)[0]
+    assert record["turns_mean"] > 1.0  # wrong first answers got feedback and a second turn
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_evaluate_with_vllm_prints_its_table():
     proc = _run(sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--env", "arithmetic", "--num-tasks", "8",
                 "--generator", "vllm", "--no-progress")  # fmt: skip
