@@ -1,6 +1,7 @@
 """One rank of tests/test_deepspeed_learner.py's two-process run (not collected: no test_ prefix).
 
     torchrun --nproc_per_node 2 tests/ds_rank_worker.py --batches B.pt --out DIR --stages 0,2,3
+    deepspeed --num_accelerators 2 tests/ds_rank_worker.py ...   # the same, DeepSpeed's launcher on a CPU
 
 Rank 0 loads the batches the test sampled and scatters each one (``scatter_batch``);
 every rank steps a DeepSpeedLearner on its shard, once per ZeRO stage (one launch: a
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", default="0,2,3")
     parser.add_argument("--kwargs", default="{}", help="learner keywords as JSON")
+    parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher; unused (LOCAL_RANK too)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks on two cores
     rank, world = distributed.init_distributed(torch.device("cpu"))
