@@ -79,17 +79,29 @@ class Learner(Protocol):
 
     version: int
 
-    def step(self, batch: Any) -> dict[str, float]:
-        """One optimizer step (or ``num_iterations`` of them) on a batch; returns metrics."""
+    def step(self, batch: Any, loss_fn: Any = None) -> dict[str, float]:
+        """One optimizer step (or ``num_iterations`` of them) on a batch; returns metrics.
+
+        ``loss_fn`` overrides, for this batch only, the loss chosen at construction (the
+        asynchronous pipeline picks one of two per batch). With several data-parallel
+        ranks, ``batch`` is this rank's share and the metrics are the whole batch's.
+        """
         ...
 
     def weights_for_generation(self) -> dict[str, torch.Tensor]:
-        """Full weights by name, ready for ``Generator.update_weights``."""
+        """Full weights by name, ready for ``Generator.update_weights``.
+
+        Collective with several ranks (ZeRO-3 gathers the shards); only rank 0 gets them.
+        """
         ...
 
-    def save(self, path: str) -> None: ...
+    def save(self, path: str) -> None:
+        """Write model, optimizer and version to ``path`` (collective with several ranks)."""
+        ...
 
-    def load(self, path: str) -> None: ...
+    def load(self, path: str) -> None:
+        """Restore what ``save`` wrote (collective with several ranks)."""
+        ...
 
 
 @dataclass
