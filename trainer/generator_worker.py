@@ -160,7 +160,9 @@ class _Worker:
         # The generator config.generator names (vLLM in-process here), on its own copy of the weights.
         self.tokenizer = load_tokenizer(config.model)
         choice = choose_generator(config.generator, device)
-        self.generator = build_generator(choice, config.model, self.tokenizer, device, seed=config.seed)
+        self.generator = build_generator(
+            choice, config.model, self.tokenizer, device, seed=config.seed, threads=spec.threads
+        )
         self.generator.version = -1  # nothing received yet: the loaded weights are not used
         self.renderer = EnvMessageRenderer(self.tokenizer, set(self.generator.eos_ids))
         self.sampling = sampling_params(config)

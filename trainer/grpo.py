@@ -227,7 +227,9 @@ def _setup(config: TrainConfig) -> _Run:
     logger.info("generator: %s (%s); learner: %s, %d rank(s)", choice.kind, choice.reason, config.learner, world)
     # A torch learner and the transformers generator on one device share the model object: no weight copy.
     shared = model if choice.kind == "transformers" and config.learner == "torch" else None
-    generator = build_generator(choice, config.model, tokenizer, device, seed=config.seed, model=shared)
+    generator = build_generator(
+        choice, config.model, tokenizer, device, seed=config.seed, model=shared, threads=config.torch_threads
+    )
     return _Run(
         tokenizer=tokenizer,
         learner=learner,
