@@ -64,7 +64,7 @@ class TransformersGenerator:
         self.tokenizer = tokenizer
         self.version = version
         self.max_batch_size = max_batch_size
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self._rng = torch.Generator(device=self.device).manual_seed(seed)
@@ -72,12 +72,7 @@ class TransformersGenerator:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         """Return ``n`` completions for each prompt, in prompt order."""
-        if params.temperature < 0 or not 0 < params.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {params}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if any(not s for s in params.stop):
-            raise ValueError(f"stop strings must be non-empty, got {params.stop!r}")
+        check_request(prompts, n, params)
         rng = self._rng
         if params.seed is not None:
             rng = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -182,6 +177,18 @@ class TransformersGenerator:
         return None
 
 
+def check_request(prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> None:
+    """Raise ``ValueError`` on a request no generator can serve (shared by every ``Generator``)."""
+    if params.temperature < 0 or not 0 < params.top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {params}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if any(not s for s in params.stop):
+        raise ValueError(f"stop strings must be non-empty, got {params.stop!r}")
+    if n < 1:
+        raise ValueError(f"need n >= 1 completions per prompt, got {n}")
+
+
 def sample_next(
     logits: torch.Tensor, params: SamplingParams, rng: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +223,7 @@ def nucleus_logprobs(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept - kept.logsumexp(-1, keepdim=True)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """EOS ids from the tokenizer and the generation config (chat models often list two)."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:

