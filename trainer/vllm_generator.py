@@ -77,11 +77,14 @@ from __future__ import annotations
 import os
 import random
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # must precede `import vllm`
+# vLLM's import touches a deprecated torch.distributed alias; the warning is vLLM's to fix, not the user's.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
