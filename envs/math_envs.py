@@ -1,11 +1,16 @@
 r"""GSM8K and MATH environments: one question, one answer, a verifier as the reward.
 
 - ``GSM8KEnv``: grade-school word problems. The model is asked to end with
-  ``#### <number>``; the reward is ``verify_gsm8k`` (the number after the last ``####``,
-  else the last number, compared exactly). Gold: the dataset's own worked solution.
+  ``#### <number>``; the reward is ``verify_gsm8k`` (the number on the line of the last
+  ``####``, else the last number, compared exactly). Gold: the dataset's own worked
+  solution.
 - ``MathEnv``: competition problems with LaTeX answers. The model is asked for
-  ``\boxed{...}``; the reward is ``verify_math`` (math-verify in a killable worker
-  process). Gold: ``\boxed{<reference answer>}``.
+  ``\boxed{...}``; the reward is ``verify_math`` (math-verify on the last box, in a
+  killable worker process). Gold: ``\boxed{<reference answer>}``.
+
+In both the last answer counts (a self-correction earns the reward) and hedging never
+pays (``#### 5 or 7``, ``\boxed{5, 7}`` score 0): the rule is in each verifier's module
+docstring.
 
 Both read their rows through ``rlvr.datasets.loaders`` (hub when cached, a local file, or
 the bundled sample), so ``make_env("gsm8k", source="/data/gsm8k", split="test")`` evaluates
@@ -22,12 +27,9 @@ from rlvr.verifiers.gsm8k import verify_gsm8k
 from rlvr.verifiers.types import Verdict
 
 GSM8K_SYSTEM_PROMPT = (
-    "Solve the math word problem step by step. "
-    "Write the final answer on the last line as '#### <number>'."
+    "Solve the math word problem step by step. Write the final answer on the last line as '#### <number>'."
 )
-MATH_SYSTEM_PROMPT = (
-    "Solve the math problem step by step. Put the final answer in \\boxed{}."
-)
+MATH_SYSTEM_PROMPT = "Solve the math problem step by step. Put the final answer in \\boxed{}."
 
 
 class GSM8KEnv(TextEnv):

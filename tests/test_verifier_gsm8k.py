@@ -48,8 +48,9 @@ def test_correct_answers_score_one(completion, reference):
     [
         pytest.param("#### 18", "18.5", "18", id="int-vs-decimal"),
         pytest.param("#### 18.5", "18", "18.5", id="decimal-vs-int"),
-        pytest.param("#### 12345678901234567891", "12345678901234567890", "12345678901234567891",
-                     id="big-int-off-by-one"),
+        pytest.param(
+            "#### 12345678901234567891", "12345678901234567890", "12345678901234567891", id="big-int-off-by-one"
+        ),
         pytest.param("#### -18", "18", "-18", id="sign"),
         pytest.param("18 is tempting but #### 19", SOLUTION, "19", id="marker-is-the-answer"),
         pytest.param("The answer is 18, I checked 3 times", "18", "3", id="last-number-is-read"),

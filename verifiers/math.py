@@ -15,13 +15,34 @@ What is compared:
   symmetric) with its defaults: fractions, decimals to 6 places, radicals, tuples, sets,
   intervals, symbolic expressions.
 
-Two departures, both to agree with math-verify on its own test cases: boxes that
-math-verify's ``extract_boxed_content`` would join to the last one (under 10 characters
-apart, or under 70 with "and"/"or"/","/";" between) are joined with commas, so
-``\boxed{1} and \boxed{2}`` is the set {1, 2}; and the last box wins over math-verify's
-"The final answer is $x$. I hope" pattern, which math-verify ranks above boxes (the one
-disagreement left on its near-default cases). A boxed answer that is the bare reference
-verbatim is scored 1 in the caller without math-verify (it would agree).
+The last answer counts, and hedging never pays. RL teaches a model to correct itself, so
+``First \boxed{5}, but actually \boxed{7}`` is the answer 7; and a policy must never gain
+by offering several candidates. The rule, in order:
+
+1. Only the last box is the answer; earlier boxes are working (``parsed`` is its content).
+2. A reference of several values (math-verify parses it to a set, tuple, list, interval
+   or union: ``\{1, 2\}``, ``(3, 4)``, ``1, 2``) compares as one, inside that last box.
+   Only when that fails are earlier boxes that math-verify's ``extract_boxed_content``
+   would join to the last one (under 10 characters apart, or under 70 with
+   "and"/"or"/","/";" between) compared as one answer, so ``\boxed{1} and \boxed{-2}``
+   is the set {1, -2}; set and tuple equality then rejects any extra candidate.
+3. A reference of one value needs an answer of one value. Scored 0, reason "several
+   answers": a last box, or an unboxed final expression, that math-verify parses to
+   several values (``5, 7``, ``5 \text{ or } 7``, ``\pm 7``, ``\{5, 7\}``, ``[5, 7]``, a
+   union, ``x = 5 = 7``, a relation between two constants such as ``5 = 7``, which
+   math-verify would read as 7); a box whose text says "or" or a union (``or``,
+   ``\lor``, ``\vee``, ``\cup``, which math-verify silently reads as one side) unless
+   the reference says so too; and, without a box, a last line naming two answers joined
+   by "or" ("the answer is 5 or 7", "$x = 5$ or $x = 7$").
+
+So a completion scores 1 against at most one single-value reference: a hedge earns at
+best what committing to its last candidate earns, and 0 when that candidate is wrong.
+
+Departures, both to agree with math-verify on its own test cases: the joining of rule 2;
+and the last box wins over math-verify's "The final answer is $x$. I hope" pattern,
+which math-verify ranks above boxes (the one disagreement left on its near-default
+cases). A last box that is the bare reference verbatim is scored 1 in the caller
+without math-verify (it would agree).
 
 Why worker processes: sympy can run for ever on hostile input (towers of powers, huge
 nesting), sometimes inside C code where no signal handler runs (its gmpy2 or flint
@@ -32,11 +53,12 @@ are SIGKILLed at ``timeout + 0.5 s``. Either way the verdict is
 ``Verdict(0, ..., "timeout")``, and the call is safe from any thread and from asyncio.
 The bound counts from when a worker starts the item, not from when the call was made.
 
-Reasons: "correct", "wrong answer", "no answer found", "timeout", and rarer ones:
-"answer too long" (a box over ``_MAX_ANSWER_CHARS`` characters is not parsed at all),
-"bad reference", "verifier error", "verifier crashed", "cancelled". ``parsed`` is the
-answer string math-verify extracted (never ``str()`` of a sympy object, which can itself
-hang).
+Reasons: "correct", "wrong answer", "several answers", "no answer found", "timeout", and
+rarer ones: "answer too long" (a box over ``_MAX_ANSWER_CHARS`` characters is not parsed
+at all), "bad reference", "verifier error", "verifier crashed", "cancelled". ``parsed`` is
+what was compared: the last box's content (the joined boxes when rule 2 matched them), or
+without a box the answer string math-verify extracted (never ``str()`` of a sympy object,
+which can itself hang).
 """
 
 from __future__ import annotations
@@ -50,6 +72,9 @@ from functools import lru_cache
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from rlvr.verifiers.pool import ItemResult, shared_pool
 from rlvr.verifiers.types import Verdict
+from sympy import FiniteSet, S, Set, Tuple
+from sympy.core.relational import Relational
+from sympy.logic.boolalg import BooleanFunction
 
 _TAIL_CHARS = 4000  # math-verify's regexes have lazy quantifiers; bound their input
 _MAX_ANSWER_CHARS = 2000  # longer than any real boxed answer (a 5x5 matrix is ~300)
@@ -58,7 +83,7 @@ _MAX_BOXES = 16
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BRACE = re.compile(r"(?<!\\)[{}]")  # \{ and \} are literal braces (sets), not groups
 _BARE_BOX_ARG = re.compile(r"\s+([^\s${}]+)")  # "\boxed 5"
-_SEPARATOR = re.compile(r"\b(?:and|or)\b|,|;")
+_SEPARATOR = re.compile(r"\b(?:and|or)\b|,|;")  # math-verify's box-joining words
 
 # Both extraction targets, as the issue asks; boxed answers come first by LatexExtraction's
 # default priority.
@@ -67,10 +92,14 @@ _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
 
 @dataclass(frozen=True)
 class MathItem:
-    """What a worker needs: the text math-verify parses from each side."""
+    """What a worker needs: the text math-verify parses from each side, and the hedge flags."""
 
-    candidate: str  # "\boxed{<answer>}" or the completion's tail
+    candidate: str  # "\boxed{<last box>}" or the completion's tail
     gold: str  # "\boxed{<reference>}", or the reference itself when it has delimiters
+    joined: str | None = None  # "\boxed{<joined boxes>}": tried for a several-value gold only
+    shown: str | None = None  # the last box's content, for ``parsed``
+    joined_shown: str | None = None
+    says_or: bool = False  # the answer's words hedge ("or", "\lor", a union); see rule 3
 
 
 @dataclass(frozen=True)
@@ -115,32 +144,32 @@ def _joins(text: str, earlier: _Box, later: _Box) -> bool:
     between = text[earlier.end : later.start]
     if len(between) < 10:
         return True
-    return (
-        earlier.content != later.content
-        and len(between) < 70
-        and bool(_SEPARATOR.search(between))
-    )
+    return earlier.content != later.content and len(between) < 70 and bool(_SEPARATOR.search(between))
 
 
-def _answer_box(text: str) -> _Box:
-    r"""Return the answer a completion boxed: its last well-formed ``\boxed``/``\fbox``.
+def _last_box(text: str) -> _Box:
+    r"""Return a completion's answer: its last well-formed ``\boxed``/``\fbox``.
 
-    Earlier boxes that math-verify would join to it (a multi-part answer) are joined with
-    commas, so ``\boxed{1} and \boxed{2}`` reads as ``1,2``. Unclosed boxes (a truncated
-    generation) are skipped. Work is bounded: at most ``_MAX_BOXES`` boxes are read.
+    Unclosed boxes (a truncated generation) are skipped. Work is bounded: at most
+    ``_MAX_BOXES`` boxes are read.
     """
-    last: _Box | None = None
     end = len(text)
     for _ in range(_MAX_BOXES):
         box = _previous_box(text, end)
         if box is None or box.too_long:
             return box or _Box(None)
         if box.content is not None:
-            last = box
-            break
+            return box
         end = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
-    if last is None:
-        return _Box(None)
+    return _Box(None)
+
+
+def _joined_content(text: str, last: _Box) -> str | None:
+    r"""Return the boxes math-verify would join to ``last``, comma-joined, or None if none.
+
+    Rule 2 of the module docstring: ``\boxed{1} and \boxed{-2}`` reads as ``1,-2``, which
+    is compared only against a reference of several values. Bounded like :func:`_last_box`.
+    """
     parts, current = [last.content], last
     for _ in range(_MAX_BOXES):
         earlier = _previous_box(text, current.start)
@@ -152,16 +181,31 @@ def _answer_box(text: str) -> _Box:
             parts.append(earlier.content)
         current = earlier
     content = ",".join(reversed(parts))
-    if len(content) > _MAX_ANSWER_CHARS:
-        return _Box(None, too_long=True)
-    return _Box(content, current.start, last.end)
+    return content if len(parts) > 1 and len(content) <= _MAX_ANSWER_CHARS else None
 
 
 def extract_boxed(text: str) -> str | None:
     r"""Return the content of the last well-formed ``\boxed{}`` or ``\fbox{}``, or None."""
     if not isinstance(text, str):
         return None
-    return _answer_box(text).content
+    return _last_box(text).content
+
+
+# Rule 3's words. Inside a box any "or" or union hedges (math-verify reads "5 \lor 7" and
+# "5 \cup 7" as 7, "7 \text{ (or } 5)" as 5). Without a box, two answers joined by "or" on
+# the last line: a number, a closing $ or \) before it, a number, $, \( or "x =" after.
+_BOX_OR = re.compile(r"\bor\b|\\(?:lor|vee|cup)(?![A-Za-z])", re.IGNORECASE)
+_LINE_OR = re.compile(
+    r"(?:\d|\$|\\\)|\\\])\s*,?\s*\bor\s+(?:(?:maybe|perhaps|possibly)\s+)?"
+    r"(?:[-+]?\d|\$|\\\(|\\\[|[A-Za-z]\s*=)",
+    re.IGNORECASE,
+)
+_LAST_LINE_CHARS = 500
+
+
+def _last_line(text: str) -> str:
+    tail = text[-_TAIL_CHARS:].rstrip()
+    return tail[tail.rfind("\n") + 1 :][-_LAST_LINE_CHARS:]
 
 
 _LATEX_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
@@ -195,18 +239,53 @@ def _parsed_text(extracted: list) -> str | None:
     return strings[-1] if strings else None
 
 
+def _value(extracted: list):
+    """Return the sympy object math-verify parsed (its list also holds the string)."""
+    return next((x for x in extracted if not isinstance(x, str)), None)
+
+
+def _several(value) -> bool:
+    r"""Return whether a parsed answer names several values (rule 3 of the module docstring).
+
+    A set of two or more (``5, 7``, ``\pm 7``, ``5 or 7``), any other set (an interval, a
+    union), a tuple or list of two or more, a Boolean combination (``x = 5 = 7``), a
+    relation between two constants (``5 = 7``); ``x = {5, 7}`` by its right side. A
+    one-element set is its element; a matrix is one value (a vector answer).
+    """
+    if isinstance(value, (list, tuple, Tuple)):
+        return len(value) > 1 or any(_several(v) for v in value)
+    if isinstance(value, FiniteSet):
+        return len(value) > 1 or any(_several(v) for v in value)
+    if isinstance(value, Set):
+        return value is not S.EmptySet
+    if isinstance(value, BooleanFunction):
+        return True
+    if isinstance(value, Relational):
+        if not value.lhs.free_symbols and not value.rhs.free_symbols:
+            return True
+        return _several(value.rhs)
+    return False
+
+
 def verify_item(item: MathItem) -> Verdict:
     """Run math-verify on one item in this process, with no timeout (workers run this)."""
     _quiet_math_verify()
     gold = _parse_gold(item.gold)
     if not gold:
         return Verdict(0.0, None, "bad reference")
+    one_value = not _several(_value(gold))
     answer = parse(item.candidate, _EXTRACTION, parsing_timeout=None)
+    parsed = item.shown if item.shown is not None else _parsed_text(answer)
+    if one_value and (item.says_or or (answer and _several(_value(answer)))):
+        return Verdict(0.0, parsed, "several answers")  # rule 3
+    if answer and verify(gold, answer, timeout_seconds=None):
+        return Verdict(1.0, parsed, "correct")
+    if item.joined is not None and not one_value:  # rule 2: a multi-part answer in boxes
+        joined = parse(item.joined, _EXTRACTION, parsing_timeout=None)
+        if joined and verify(gold, joined, timeout_seconds=None):
+            return Verdict(1.0, item.joined_shown, "correct")
     if not answer:
         return Verdict(0.0, None, "no answer found")
-    parsed = _parsed_text(answer)
-    if verify(gold, answer, timeout_seconds=None):
-        return Verdict(1.0, parsed, "correct")
     return Verdict(0.0, parsed, "wrong answer")
 
 
@@ -225,19 +304,30 @@ def _prepare(completion: str, answer: str) -> _Prepared:
         return _Prepared(None, Verdict(0.0, None, "bad reference"))
     if not isinstance(completion, str) or not completion.strip():
         return _Prepared(None, Verdict(0.0, None, "no answer found"))
-    box = _answer_box(completion)
+    box = _last_box(completion)
     if box.too_long:
         return _Prepared(None, Verdict(0.0, None, "answer too long"))
     gold = _gold_text(answer)
-    if box.content is not None and gold == f"\\boxed{{{box.content}}}":
-        # The boxed text is the reference verbatim: math-verify would agree, and skipping
-        # it (no sympy, no pipe) makes the common correct answer in GRPO ~free.
+    if box.content is None:
+        # No box: math-verify reads the tail; a last line that hedges in words is flagged.
+        says_or = bool(_LINE_OR.search(_last_line(completion)))
+        says_or = says_or and not _LINE_OR.search(answer)
+        return _Prepared(MathItem(completion[-_TAIL_CHARS:], gold, says_or=says_or))
+    if gold == f"\\boxed{{{box.content}}}":
+        # The last box is the reference verbatim: math-verify would agree, and skipping it
+        # (no sympy, no pipe) makes the common correct answer in GRPO ~free.
         return _Prepared(None, Verdict(1.0, box.content, "correct"))
-    if box.content is not None:
-        candidate = f"\\boxed{{{box.content}}}"
-    else:
-        candidate = completion[-_TAIL_CHARS:]
-    return _Prepared(MathItem(candidate, gold), boxed=box.content)
+    joined = _joined_content(completion, box)
+    says_or = bool(_BOX_OR.search(box.content)) and not _BOX_OR.search(answer)
+    item = MathItem(
+        candidate=f"\\boxed{{{box.content}}}",
+        gold=gold,
+        joined=None if joined is None else f"\\boxed{{{joined}}}",
+        shown=box.content,
+        joined_shown=joined,
+        says_or=says_or,
+    )
+    return _Prepared(item, boxed=box.content)
 
 
 _FAILURE_REASONS = {
