@@ -1,13 +1,19 @@
-"""Evaluate a policy on an environment: mean reward and pass@1 over tasks, no training.
+"""Evaluate a policy on an environment the way papers report: pass@k, maj@k, rewards, no training.
 
-    python scripts/evaluate.py --env arithmetic --num-tasks 200
-    python scripts/evaluate.py --env gsm8k --model runs/grpo/checkpoints/step_000020 --temperature 0
+    python scripts/evaluate.py --env arithmetic --limit 200
+    python scripts/evaluate.py --env gsm8k --model runs/grpo/checkpoints/step_000020 --num-samples 16
 
-It plays tasks ``0 .. num_tasks-1`` (``options={"index": i}``) through the same rollout
-code as training (``rollout.collect_rollouts``), so multi-turn environments, chat
-templates and reward composition behave exactly as they do in a training run. With
-``samples > 1`` each task is sampled that many times and the reward is averaged per task
-(pass@1 estimated from k samples).
+It plays tasks ``0 .. limit-1`` (``options={"index": i}``, reset seed ``seed + i``), each
+``num_samples`` times, through the same rollout code as training
+(``rollout.collect_rollouts``), so multi-turn environments, chat templates and reward
+composition behave exactly as they do in a training run.
+
+A sample is *correct* when its ``correctness`` reward component (rlvr's primary one) is 1;
+an environment that reports no such component counts a reward >= 1 as correct. From the
+per-task counts come pass@k for every reported k (``passk.report_ks``) and maj@K on the
+parsed answers (``passk.majority_vote``; reported when some sample parsed an answer).
+The summary also holds the mean reward, the mean of each reward component and the mean
+completion length (model tokens per episode, every turn).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import statistics
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -25,7 +32,8 @@ import torch
 from rlvr.envs.registry import make_env
 from rlvr.trainer.default_model import load_tokenizer
 from rlvr.trainer.engines import build_generator, choose_generator, model_source
-from rlvr.trainer.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
+from rlvr.trainer.passk import majority_vote, pass_at_k, report_ks
+from rlvr.trainer.rollout import EnvMessageRenderer, Episode, TaskRef, collect_rollouts
 from rlvr.trainer.types import SamplingParams
 from transformers import AutoConfig
 
@@ -33,27 +41,93 @@ logger = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0.0)
 
-TASKS_PER_BATCH = 8
-"""Tasks played per generation call: bounds memory, and moves the progress bar."""
+EPISODES_PER_BATCH = 64
+"""Episodes played per generation call (at most 8 tasks): bounds memory, and moves the progress bar."""
+
+
+@dataclass
+class TaskResult:
+    """The samples of one task, reduced to what the summary needs."""
+
+    task_id: str
+    index: int
+    rewards: list[float]
+    correct: list[bool]
+    parsed: list[Any]
+    lengths: list[int]
+    """[num_samples] model tokens of each episode."""
+    components: list[dict[str, float]]
+
+    @classmethod
+    def from_group(cls, index: int, group: list[Episode]) -> TaskResult:
+        return cls(
+            task_id=group[0].task_id,
+            index=index,
+            rewards=[e.reward for e in group],
+            correct=[is_correct(e) for e in group],
+            parsed=[e.parsed for e in group],
+            lengths=[e.num_model_tokens for e in group],
+            components=[dict(e.reward_components) for e in group],
+        )
+
+    def record(self, group: list[Episode]) -> dict[str, Any]:
+        """Return this task's line of the per-task JSONL file (with every sample's text)."""
+        voted, maj_correct = majority_vote(self.parsed, self.correct)
+        n, c = len(self.correct), sum(self.correct)
+        return {
+            "task_id": self.task_id,
+            "index": self.index,
+            "num_samples": n,
+            "num_correct": c,
+            "pass@k": {str(k): pass_at_k(n, c, k) for k in report_ks(n)},
+            "maj_answer": _plain(voted),
+            "maj_correct": maj_correct,
+            "reward_mean": statistics.fmean(self.rewards),
+            "samples": [
+                {"completions": e.completions, "reward": e.reward, "correct": c, "parsed": _plain(e.parsed),
+                 "reward_components": e.reward_components, "length": e.num_model_tokens, "turns": e.num_turns}
+                for e, c in zip(group, self.correct)
+            ],
+        }  # fmt: skip
+
+
+def is_correct(episode: Episode) -> bool:
+    """Whether an episode solved its task: the correctness component, else the reward, reached 1."""
+    value = episode.reward_components.get("correctness", episode.reward)
+    return value >= 1.0
 
 
 @dataclass
 class EvalResult:
-    """Per-task mean rewards and what they add up to."""
+    """Every task's samples, and the numbers they add up to (``summary``)."""
 
-    task_rewards: dict[str, float] = field(default_factory=dict)
+    tasks: list[TaskResult] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
-    def mean_reward(self) -> float:
-        return statistics.fmean(self.task_rewards.values()) if self.task_rewards else 0.0
+    def num_samples(self) -> int:
+        return len(self.tasks[0].rewards) if self.tasks else 0
 
-    @property
-    def solved_fraction(self) -> float:
-        """Fraction of tasks whose mean reward reached 1 (every sample correct)."""
-        if not self.task_rewards:
-            return 0.0
-        return sum(r >= 1.0 for r in self.task_rewards.values()) / len(self.task_rewards)
+    def summary(self) -> dict[str, Any]:
+        """Return pass@k, maj@K, mean reward, component means and completion length, as a flat dict."""
+        if not self.tasks:
+            return {"tasks": 0, "num_samples": 0, "seconds": self.seconds}
+        n = self.num_samples
+        out: dict[str, Any] = {"tasks": len(self.tasks), "num_samples": n}
+        for k in report_ks(n):
+            out[f"pass@{k}"] = statistics.fmean(pass_at_k(n, sum(t.correct), k) for t in self.tasks)
+        if any(p is not None for t in self.tasks for p in t.parsed):
+            out[f"maj@{n}"] = statistics.fmean(majority_vote(t.parsed, t.correct)[1] for t in self.tasks)
+        out["reward_mean"] = statistics.fmean(r for t in self.tasks for r in t.rewards)
+        components: defaultdict[str, list[float]] = defaultdict(list)
+        for c in (c for t in self.tasks for c in t.components):
+            for name, value in c.items():
+                components[name].append(value)
+        for name, values in sorted(components.items()):
+            out[f"components/{name}_mean"] = statistics.fmean(values)
+        out["completion_length_mean"] = statistics.fmean(x for t in self.tasks for x in t.lengths)
+        out["seconds"] = self.seconds
+        return out
 
 
 def evaluate(
@@ -61,24 +135,25 @@ def evaluate(
     *,
     model: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
-    num_tasks: int = 100,
-    samples: int = 1,
+    limit: int = 100,
+    num_samples: int = 1,
     params: SamplingParams = GREEDY,
     seed: int = 0,
     output: IO[str] | None = None,
     progress: bool = True,
     generator_kind: str = "auto",
 ) -> EvalResult:
-    """Play ``num_tasks`` tasks ``samples`` times each; write one JSON line per episode to ``output``.
+    """Play ``limit`` tasks ``num_samples`` times each; write one JSON line per task to ``output``.
 
     ``generator_kind`` is the trainer's ``--generator`` (auto, transformers, vllm).
     """
     from tqdm import tqdm
 
-    envs = [make_env(env, **(env_kwargs or {})) for _ in range(TASKS_PER_BATCH * samples)]
+    per_batch = max(1, min(8, EPISODES_PER_BATCH // num_samples))
+    envs = [make_env(env, **(env_kwargs or {})) for _ in range(per_batch * num_samples)]
     available = getattr(envs[0].unwrapped, "num_tasks", None)
     if isinstance(available, int):
-        num_tasks = min(num_tasks, available)
+        limit = min(limit, available)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     choice = choose_generator(generator_kind, device)
     logger.info("generator: %s (%s)", choice.kind, choice.reason)
@@ -87,19 +162,36 @@ def evaluate(
     renderer = EnvMessageRenderer(tokenizer, set(generator.eos_ids))
     max_context = int(getattr(AutoConfig.from_pretrained(model_source(model)), "max_position_embeddings", 2048))
     result, start = EvalResult(), time.perf_counter()
-    with tqdm(total=num_tasks, disable=not progress, desc="evaluate", unit="task", file=sys.stderr) as bar:
-        for first in range(0, num_tasks, TASKS_PER_BATCH):
-            tasks = [TaskRef(index=i, seed=seed + i) for i in range(first, min(first + TASKS_PER_BATCH, num_tasks))]
+    with tqdm(total=limit, disable=not progress, desc="evaluate", unit="task", file=sys.stderr) as bar:
+        for first in range(0, limit, per_batch):
+            tasks = [TaskRef(index=i, seed=seed + i) for i in range(first, min(first + per_batch, limit))]
             call = params if params.seed is None else dataclasses.replace(params, seed=params.seed + first)
-            batch = collect_rollouts(envs[: len(tasks) * samples], generator, tokenizer, renderer, tasks, samples,
-                                     call, max_context)
-            for group in batch.groups:
-                result.task_rewards[group[0].task_id] = statistics.fmean(e.reward for e in group)
-                for e in group if output is not None else ():
-                    output.write(json.dumps({"task_id": e.task_id, "reward": e.reward, "turns": e.num_turns,
-                                             "completions": e.completions,
-                                             "reward_components": e.reward_components}) + "\n")
+            batch = collect_rollouts(envs[: len(tasks) * num_samples], generator, tokenizer, renderer, tasks,
+                                     num_samples, call, max_context)  # fmt: skip
+            for task, group in zip(tasks, batch.groups):
+                task_result = TaskResult.from_group(task.index, group)
+                result.tasks.append(task_result)
+                if output is not None:
+                    output.write(json.dumps(task_result.record(group)) + "\n")
             bar.update(len(tasks))
-            bar.set_postfix(mean=f"{result.mean_reward:.3f}")
+            bar.set_postfix(pass1=f"{statistics.fmean(c for t in result.tasks for c in t.correct):.3f}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def format_table(summary: dict[str, Any], title: str) -> str:
+    """Return the summary as a two-column console table under ``title``."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
+    width = max(len(k) for k, _ in rows)
+    lines = [title, f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 6}"]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """Return ``value`` if JSON can hold it as is, else its string form (parsed answers may be any object)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value

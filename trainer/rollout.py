@@ -69,6 +69,8 @@ class Episode:
     """[num_turns] the policy version that sampled each turn."""
     reward_components: dict[str, float] = field(default_factory=dict)
     """The final step's ``info["reward_components"]`` (for logging)."""
+    parsed: Any = None
+    """The final step's ``info["parsed"]``: what the verifier read (maj@k votes on it; evaluation.py)."""
     length_truncated: bool = False
     """Some model turn was cut at max_new_tokens."""
     context_truncated: bool = False
@@ -274,6 +276,8 @@ def _apply_turn(
         episode.turn_rewards.append(float(reward))
         if isinstance(info, dict) and "reward_components" in info:
             episode.reward_components = {k: float(v) for k, v in info["reward_components"].items()}
+        if isinstance(info, dict):
+            episode.parsed = info.get("parsed")
         if terminated or truncated:
             episode.done = True
             continue
