@@ -1,10 +1,14 @@
 """Verdicts per second for each verifier, measured side by side in one run.
 
-    python scripts/bench_verifiers.py [--scale 1.0] [--workers N]
+    python scripts/bench_verifiers.py [--scale 1.0] [--workers N] [--only code,humaneval]
+        [--data-dir ../shared/data]
 
 Targets on a 2-core machine: gsm8k and format >= 20,000/s, math >= 500/s, code >= 30
-trivial programs/s with full isolation. ``math`` is GRPO-shaped (a few references, each
-shared by many completions, as a group shares its task); ``math-distinct`` gives every
+trivial programs/s with full isolation, humaneval >= 15 verdicts/s (HumanEval's 164
+canonical solutions against their real ``check(candidate)`` tests, every call of the
+candidate crossing the sandbox channel; the row is skipped when the data is absent).
+``math`` is GRPO-shaped (a few references, each shared by many completions, as a group
+shares its task); ``math-distinct`` gives every
 item its own reference, the worst case for the workers' cache of parsed references.
 Inputs are synthetic and mixed (right, wrong and unparseable answers) so no verifier is
 timed only on its fast path. Prints a table and
@@ -14,15 +18,19 @@ exits 1 when a target is missed, so the script can gate a release.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import random
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from rlvr.verifiers.registry import DEFAULT_TIMEOUTS, get_verifier
 
-TARGETS = {"gsm8k": 20_000, "format": 20_000, "math": 500, "math-distinct": 500, "code": 30}
+TARGETS = {"gsm8k": 20_000, "format": 20_000, "math": 500, "math-distinct": 500, "code": 30, "humaneval": 15}
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def gsm8k_items(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -94,9 +102,21 @@ def code_items(n: int, rng: random.Random) -> tuple[list[str], list[list[str]]]:
     return comps, tests
 
 
+def humaneval_items(n: int, rng: random.Random, data_dir: Path = DATA_DIR) -> tuple[list[str], list[list[str]]]:
+    """The canonical solutions with their tests, cycled to ``n`` items; empty when absent."""
+    path = data_dir / "humaneval" / "humaneval_verify.jsonl"
+    if not path.is_file():
+        return [], []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = [rows[i % len(rows)] for i in range(n)]
+    return [r["completion"] for r in rows], [r["tests"] for r in rows]
+
+
 def bench(name: str, make: Callable, n: int, workers: int | None) -> tuple[int, float]:
     comps, refs = make(n, random.Random(0))
-    name = name.split("-")[0]  # "math-distinct" is the math verifier on harder input
+    if not comps:
+        return 0, 0.0
+    name = "code" if name == "humaneval" else name.split("-")[0]  # "math-distinct" is the math verifier on harder input
     spec = get_verifier(name)
     spec.batch(comps[:8], refs[:8], DEFAULT_TIMEOUTS[name], workers)  # warm pools and imports
     start = time.perf_counter()
@@ -110,15 +130,24 @@ def main() -> int:
     p = argparse.ArgumentParser(description="verifier throughput, side by side")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the item counts")
     p.add_argument("--workers", type=int, default=None, help="worker processes/threads (default: per verifier)")
+    p.add_argument("--only", default=None, help="comma-separated subset of the rows")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="holds humaneval/humaneval_verify.jsonl")
     args = p.parse_args()
     plan = [("gsm8k", gsm8k_items, 40_000), ("format", format_items, 40_000),
-            ("math", math_items, 4_000), ("math-distinct", math_distinct_items, 2_000), ("code", code_items, 300)]
-    print(f"cpu cores: {os.cpu_count()}, workers: {args.workers or 'default'}")
+            ("math", math_items, 4_000), ("math-distinct", math_distinct_items, 2_000), ("code", code_items, 300),
+            ("humaneval", functools.partial(humaneval_items, data_dir=args.data_dir), 164)]
+    if args.only:
+        plan = [row for row in plan if row[0] in args.only.split(",")]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"cpu cores: {os.cpu_count()}, load average: {load}, workers: {args.workers or 'default'}")
     print(f"{'verifier':<14}{'items':>8}{'seconds':>10}{'per second':>14}{'target':>10}  ok")
     ok_all = True
     for name, make, n in plan:
         n = max(8, int(n * args.scale))
         count, seconds = bench(name, make, n, args.workers)
+        if count == 0:
+            print(f"{name:<14}  skipped (no data under {args.data_dir})")
+            continue
         rate = count / seconds
         ok = rate >= TARGETS[name]
         ok_all &= ok
