@@ -20,9 +20,18 @@ Ctrl-C stops the run (and the generator process) within seconds, with exit statu
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rlvr.trainer.config import config_from_args
-from rlvr.trainer.metrics import log_to_stderr
+from rlvr.trainer.config import TrainConfig, config_from_args
+from rlvr.trainer.metrics import log_to_stderr, read_metrics, summarize_run
+
+if TYPE_CHECKING:
+    from rlvr.trainer.grpo import TrainResult
+
+UNSOLVED_REWARD = 0.02
+"""A final reward below this on the default model means it cannot solve the environment (see summary_lines)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlvr.trainer.engines import EngineError
     from rlvr.trainer.generator_worker import GeneratorError
 
+    start = time.perf_counter()
     try:
         result = train(config)
     except (FileNotFoundError, RegistryError, EngineError) as e:
@@ -52,10 +62,38 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not is_main():  # other learner ranks: rank 0 reports
         return 0
-    last = result.last_metrics
-    reward = f", last reward_mean {last['reward_mean']:.3f}" if last else ""
-    print(f"done: {result.steps} steps{reward}; metrics {result.metrics_path}; checkpoint {result.checkpoint}")
+    print("\n".join(summary_lines(config, result, time.perf_counter() - start)))
     return 0
+
+
+def summary_lines(config: TrainConfig, result: TrainResult, seconds: float) -> list[str]:
+    """Return the end-of-run summary: steps, reward first vs last, time, speed, where everything is.
+
+    On the default model, a reward that ends at ~0 gets a plain sentence: the ~1M-parameter
+    model was warmed up mostly on arithmetic, so `--env gsm8k` (the default command) is a smoke
+    run of the machinery that cannot show learning, and a user should not have to guess that.
+    """
+    s = summarize_run(read_metrics(result.metrics_path)) if Path(result.metrics_path).exists() else {"steps": 0}
+    lines = [f"done: {result.steps} steps in {seconds:.1f} s"]
+    if s["steps"]:
+        lines.append(
+            f"  reward_mean {s['reward_start']:.3f} (first {s['window']} steps) -> {s['reward_end']:.3f} "
+            f"(last {s['window']}); {s['tokens_per_second']:.0f} generated tokens/s"
+        )
+    lines += [
+        f"  metrics      {result.metrics_path}",
+        f"  config       {Path(config.output_dir) / 'config.yaml'}",
+        f"  checkpoints  {Path(config.output_dir) / 'checkpoints'}",
+        f"  final model  {result.checkpoint}  (a --model for evaluate.py or train.py)",
+    ]
+    if config.model is None and s["steps"] and s["reward_end"] < UNSOLVED_REWARD:
+        lines.append(
+            f"note: the default model is a ~1M-parameter model warmed up mostly on arithmetic; it cannot solve "
+            f"{config.env}, so a reward of ~0 here is expected and says nothing about the trainer. To see "
+            f"learning, run `python scripts/train.py --env arithmetic --max-steps 60`; to train on {config.env} "
+            f"for real, pass a real model, e.g. `--model Qwen/Qwen2.5-0.5B-Instruct` (on a GPU)."
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from rlvr.trainer.config import TrainConfig, config_from_args
+from rlvr.trainer.config import TrainConfig, config_from_args, config_yaml
+from rlvr.trainer.grpo import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -54,11 +56,32 @@ def test_the_default_command_finishes_and_writes_two_metrics_lines(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_steps(tmp_path_factory) -> Path:
+def two_steps_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gsm8k")
     proc = _train("--env", "gsm8k", "--max-steps", "2", "--output-dir", str(out), *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def two_steps(two_steps_run) -> Path:
+    return two_steps_run[0]
+
+
+def test_the_run_writes_its_resolved_config_at_start(two_steps_run):
+    out, _ = two_steps_run
+    flags = ["--env", "gsm8k", "--max-steps", "2", "--output-dir", str(out), *SMALL]
+    assert (out / "config.yaml").read_text() == config_yaml(config_from_args(flags))
+    assert TrainConfig(**yaml.safe_load((out / "config.yaml").read_text())) == config_from_args(flags)
+
+
+def test_the_end_of_run_summary_says_where_things_are_and_why_gsm8k_stays_at_zero(two_steps_run):
+    out, proc = two_steps_run
+    assert "done: 2 steps in " in proc.stdout
+    assert "reward_mean 0.000 (first 2 steps) -> 0.000 (last 2)" in proc.stdout
+    assert f"metrics      {out / 'metrics.jsonl'}" in proc.stdout
+    assert f"final model  {out / 'checkpoints' / 'step_000002'}" in proc.stdout
+    assert "cannot solve gsm8k" in proc.stdout and "--env arithmetic" in proc.stdout and "--model" in proc.stdout
 
 
 def test_two_small_steps_write_metrics_and_a_checkpoint(two_steps):
@@ -113,6 +136,42 @@ def test_bad_flag_values_give_clear_errors(args, message, capsys):
         config_from_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_print_config_prints_defaults_file_and_flags_as_yaml_and_exits(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("env: arithmetic\nmax_steps: 5\ngroup_size: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_args(["--config", str(config), "--max-steps", "7", "--print-config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == TrainConfig(env="arithmetic", max_steps=7, group_size=3).to_dict()
+    assert list(printed) == [f.name for f in TrainConfig.__dataclass_fields__.values()]  # declaration order
+
+
+def _summary_lines():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.summary_lines
+
+
+@pytest.mark.parametrize(
+    "model, rewards, note",
+    [(None, [0.0, 0.0, 0.0], True), (None, [0.1, 0.3, 0.5], False), ("Qwen/Qwen2.5-0.5B", [0.0, 0.0], False)],
+    ids=["default-model-at-zero", "default-model-learning", "real-model-at-zero"],
+)
+def test_summary_explains_a_zero_reward_only_on_the_default_model(tmp_path, model, rewards, note):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(
+        json.dumps({"step": i + 1, "reward_mean": r, "time/step": 2.0, "generated_tokens": 100.0}) + "\n"
+        for i, r in enumerate(rewards)
+    ))  # fmt: skip
+    config = TrainConfig(env="gsm8k", model=model, output_dir=str(tmp_path))
+    result = TrainResult(len(rewards), metrics, tmp_path / "checkpoints" / "step_000003", {})
+    text = "\n".join(_summary_lines()(config, result, 6.5))
+    assert f"done: {len(rewards)} steps in 6.5 s" in text and "50 generated tokens/s" in text
+    assert ("cannot solve gsm8k" in text) is note
 
 
 def test_bad_yaml_key_names_the_closest_field(tmp_path, capsys):

@@ -79,7 +79,7 @@ from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
 from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
 from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
@@ -100,6 +100,7 @@ def train_async(config: TrainConfig) -> TrainResult:
         raise ValueError("train_async needs config.max_staleness (0 for the synchronous schedule)")
     resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
     learner, tokenizer = _setup_learner(config)
+    write_config(config)  # one learner rank (checked in _setup_learner)
     losses = _losses(config)
     start = load_checkpoint(resume_from, learner).step if resume_from is not None else 0
     record: dict[str, Any] = {}

@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.config import TrainConfig, config_yaml
 from rlvr.trainer.distributed import barrier, is_main
 from rlvr.trainer.types import Learner
 
@@ -70,7 +69,7 @@ def save_checkpoint(output_dir: str | Path, step: int, learner: Learner, tokeniz
         tokenizer.save_pretrained(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
         torch.save(_rng_state(), tmp / "rng_state.pt")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (tmp / "config.yaml").write_text(config_yaml(config))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -7,7 +7,9 @@ stay local to the code that needs them instead of being written back here.
 
 Precedence: defaults < ``--config FILE.yaml`` < command-line flags. YAML keys are the field
 names (``max_steps`` or ``max-steps``); an unknown key is an error that suggests the closest
-field, so a typo never silently trains with a default.
+field, so a typo never silently trains with a default. ``--print-config`` prints the result
+of all three as YAML (``config_yaml``) and exits; every run writes the same text to
+``OUTPUT_DIR/config.yaml`` at start (``write_config``), and that file is a valid ``--config``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of TrainConfig fields.")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="Print the resolved configuration (defaults < --config < flags) as YAML and exit.",
+    )
     # The deepspeed launcher appends --local_rank=N to the script's arguments; the rank is
     # read from the environment (LOCAL_RANK, which both launchers set), so it is accepted and dropped.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
@@ -313,15 +321,40 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Build and validate the config from ``argv``: defaults < ``--config`` file < flags.
 
-    Exits with a usage error (status 2) naming the bad field, as argparse does for its own.
+    Exits with a usage error (status 2) naming the bad field, as argparse does for its own;
+    with ``--print-config``, prints the resolved config and exits with status 0, as ``--help`` does.
     """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     args.pop("local_rank", None)
+    print_config = args.pop("print_config", False)
     try:
         values = load_yaml(args.pop("config")) if "config" in args else {}
         values.update(args)
-        return TrainConfig(**values)
+        config = TrainConfig(**values)
     except (ConfigError, TypeError) as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
+    if print_config:
+        sys.stdout.write(config_yaml(config))
+        sys.exit(0)
+    return config
+
+
+def config_yaml(config: TrainConfig) -> str:
+    """Return ``config`` as YAML, fields in declaration order: readable, and loadable by ``--config``."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def write_config(config: TrainConfig) -> Path:
+    """Write ``config`` to ``OUTPUT_DIR/config.yaml`` (through a temporary file and a rename); return the path.
+
+    Called once at the start of a run, by the main rank only, so the record exists even if
+    the run dies before its first checkpoint.
+    """
+    path = Path(config.output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_yaml(config))
+    tmp.replace(path)
+    return path

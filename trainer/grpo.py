@@ -52,7 +52,7 @@ from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
 from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.distributed import init_distributed, scatter_batch
 from rlvr.trainer.engines import EngineError, build_generator, build_learner, choose_generator
@@ -90,6 +90,8 @@ def train(config: TrainConfig) -> TrainResult:
     resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
     run = _setup(config)
     main = run.generator is not None  # rank 0: the one rank that generates, logs and publishes
+    if main:
+        write_config(config)
     start = 0
     if resume_from is not None:
         start = load_checkpoint(resume_from, run.learner).step  # collective

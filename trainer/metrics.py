@@ -160,3 +160,27 @@ def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics.jsonl file, in order."""
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize_run(records: list[dict], window: int = 5) -> dict[str, float]:
+    """Return what a finished run's metrics add up to, for the end-of-run summary.
+
+    ``reward_start`` / ``reward_end`` are the mean ``reward_mean`` of the first and last
+    ``window`` steps (fewer when the run is shorter): one step's reward is too noisy to
+    compare. ``tokens_per_second`` is every generated token over every step's wall time,
+    so a resumed run counts the steps run before the resume too.
+    """
+    if not records:
+        return {"steps": 0}
+    rewards = [r["reward_mean"] for r in records if isinstance(r.get("reward_mean"), (int, float))]
+    seconds = sum(float(r.get("time/step") or 0.0) for r in records)
+    tokens = sum(float(r.get("generated_tokens") or 0.0) for r in records)
+    n = max(1, min(window, len(rewards)))
+    return {
+        "steps": int(records[-1].get("step", len(records))),
+        "window": n,
+        "reward_start": statistics.fmean(rewards[:n]) if rewards else math.nan,
+        "reward_end": statistics.fmean(rewards[-n:]) if rewards else math.nan,
+        "step_seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else math.nan,
+    }
