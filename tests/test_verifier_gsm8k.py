@@ -100,26 +100,10 @@ def test_bad_reference_is_a_zero_not_an_exception(reference):
 def test_hostile_input_is_fast(hostile):
     start = time.perf_counter()
     verdict = verify_gsm8k(hostile, "18")
-    assert time.perf_counter() - start < 0.05
+    # Linear scanning takes milliseconds; a backtracking regex would take seconds to hours.
+    # The bound leaves room for a loaded CI machine (throughput is bench_verifiers.py's).
+    assert time.perf_counter() - start < 0.5
     assert verdict.score == 0.0
-
-
-def _throughput(completions: list[str], references: list[str]) -> float:
-    best = 0.0
-    for _ in range(3):  # best of three: the machine is shared
-        start = time.perf_counter()
-        for c, r in zip(completions, references):
-            verify_gsm8k(c, r)
-        best = max(best, len(completions) / (time.perf_counter() - start))
-    return best
-
-
-def test_at_least_20k_verdicts_per_second():
-    completion = "Let me think step by step. " * 30 + "So she makes 9 * 2 = $18.\n#### 18"
-    fallback = "Let me think step by step. " * 30 + "So she makes $18 every day."
-    completions = [completion, fallback] * 5_000
-    references = [SOLUTION, "18"] * 5_000
-    assert _throughput(completions, references) >= 20_000
 
 
 @pytest.mark.skipif(not GSM8K_TEST.exists(), reason="GSM8K test split not present")

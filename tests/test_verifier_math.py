@@ -124,7 +124,10 @@ def test_hang_bait_returns_zero_within_the_bound(completion):
     elapsed = time.monotonic() - start
     assert verdict.score == 0.0
     assert verdict.reason in {"timeout", "answer too long", "no answer found", "wrong answer"}
-    assert elapsed < timeout + 1.0, f"{elapsed:.2f}s for {verdict.reason}"
+    # Unbounded, these run for minutes or forever; the kill must cut them off. The slack
+    # absorbs a loaded 2-core CI machine (5-7 s seen with four test processes running);
+    # how fast a verdict comes is scripts/bench_verifiers.py's business, not a test's.
+    assert elapsed < timeout + 8.0, f"{elapsed:.2f}s for {verdict.reason}"
 
 
 def test_batch_with_hang_bait_keeps_the_other_verdicts():
