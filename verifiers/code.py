@@ -44,6 +44,7 @@ PYTHON_FENCE_TAGS = ("", "python", "py", "python3")
 _EXIT_MEMORY = 86  # exit status the harness's io child uses for an uncaught MemoryError
 _SNIPPET = 80  # characters of expected/actual output quoted in a failure message
 _STDERR_TAIL = 2000
+_CANDIDATE_REASONS = ("exited early", "crashed")  # the evaluator saw the candidate process end
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,11 @@ def _assert_outcome(run: SandboxRun, total: int) -> tuple[int, list[str], str | 
     program = run.of_kind("program")
     if program and not program[0].get("ok"):
         reason = "memory limit" if program[0].get("memory") else "runtime error"
+        if program[0].get("reason") in _CANDIDATE_REASONS:  # the process ended, no exception
+            return 0, [f"program: {program[0].get('error')}"], program[0]["reason"]
         return 0, [f"program raised {program[0].get('error')}"], reason
     results = {r.get("index"): r for r in run.of_kind("test")}
-    failures, passed, memory = [], 0, False
+    failures, passed, memory, gone = [], 0, False, None
     for index in range(total):
         record = results.get(index)
         if record is None:
@@ -132,7 +135,9 @@ def _assert_outcome(run: SandboxRun, total: int) -> tuple[int, list[str], str | 
         else:
             failures.append(f"test {index}: {record.get('error')}")
             memory |= bool(record.get("memory"))
-    return passed, failures, "memory limit" if memory else None
+            if record.get("reason") in _CANDIDATE_REASONS:
+                gone = gone or record["reason"]
+    return passed, failures, "memory limit" if memory else gone
 
 
 def _io_outcome(run: SandboxRun, expected: list[str]) -> tuple[int, list[str], str | None]:

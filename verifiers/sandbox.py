@@ -70,6 +70,7 @@ What is NOT isolated, at any level:
 from __future__ import annotations
 
 import ast
+import importlib.util
 import logging
 import marshal
 import os
@@ -96,10 +97,15 @@ _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _NS_FLAGS = ("--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
              "--mount-proc")
 _HARNESS_SOURCE = Path(__file__).with_name("sandbox_harness.py").read_bytes()
-# The harness source travels in a per-run memfd (argv[1]) rather than in argv, which
-# would put 12 kB of code into every `ps` line; the bootstrap reads and closes it.
-_BOOTSTRAP = ("import sys;exec(compile(open(int(sys.argv[1]),encoding='utf-8').read(),"
-              "'sandbox_harness.py','exec'))")
+# Helper modules the harness loads from the payload (it imports nothing of rlvr).
+_HARNESS_MODULES = {name: Path(__file__).with_name(name + ".py").read_text(encoding="utf-8")
+                    for name in ("sandbox_wire", "sandbox_server", "sandbox_evaluator")}
+# The harness travels in a per-run memfd (argv[1]) rather than in argv, which would put
+# kilobytes of code into every `ps` line. When the sandbox's interpreter is this one, it
+# travels compiled (marshal of code objects, the trusted direction): compiling ~900 lines
+# in every run would cost more CPU than the rest of the harness together.
+_BOOTSTRAP = ("import sys,marshal;d=open(int(sys.argv[1]),'rb').read();"
+              "exec(compile(d,'sandbox_harness.py','exec') if d[:1]==b'\"' else marshal.loads(d))")
 _EXIT_GRACE = 0.5  # seconds to drain pipes after the sandbox's main process has exited
 _RECORD_OVERHEAD = 1024  # bytes of result channel allowed per test beyond captured output
 
@@ -289,8 +295,11 @@ def _run(backend: _Backend, mode: str, program: str, tests: list[str],
         if not namespaced and backend.uid is not None:
             os.chown(workdir, backend.uid, SANDBOX_GID)
         nonce = secrets.token_hex(16)
+        # The nonce and the tests travel apart from the program: only the process that
+        # reports reads them, after the candidate process has split off (asserts mode).
+        secret = {"nonce": nonce, "tests": list(tests)}
         payload = {
-            "nonce": nonce, "mode": mode, "program": program, "tests": list(tests),
+            "mode": mode, "program": program, "modules": _harness(backend.python)[1],
             "output_cap": limits.max_output_bytes,
             "limits": {
                 "RLIMIT_CPU": int(limits.timeout) + 2, "RLIMIT_AS": limits.memory_bytes,
@@ -306,7 +315,7 @@ def _run(backend: _Backend, mode: str, program: str, tests: list[str],
         result_cap = 64 * 1024 + _RECORD_OVERHEAD * len(tests)
         if mode == "io":  # stdout travels as repr(bytes): up to 4 chars per byte
             result_cap += 4 * limits.max_output_bytes
-        proc, result_r = _spawn(backend, marshal.dumps(payload), workdir)
+        proc, result_r = _spawn(backend, marshal.dumps(payload), marshal.dumps(secret), workdir)
         try:
             streams = _collect(proc, result_r, limits, result_cap, start, namespaced)
         finally:
@@ -320,33 +329,66 @@ def _run(backend: _Backend, mode: str, program: str, tests: list[str],
         raise SandboxError(f"{backend.level} sandbox did not start (exit "
                            f"{proc.returncode}): {streams.stderr[-500:]!r}")
     if valid and records and records[0].get("kind") == "setup_error":
-        raise SandboxError(f"{backend.level} sandbox setup failed: {records[0].get('error')}")
+        raise SandboxError(f"{backend.level} sandbox setup failed: {records[0].get('error')} "
+                           f"(stderr: {streams.stderr[-500:]!r})")
     return SandboxRun(records=records, valid=valid, stdout=streams.stdout,
                       stderr=streams.stderr, returncode=proc.returncode,
                       timed_out=streams.timed_out, output_overflow=streams.overflow,
                       elapsed=time.monotonic() - start, isolation=backend.level)
 
 
-def _spawn(backend: _Backend, payload: bytes, workdir: str) -> tuple[subprocess.Popen, int]:
-    source_fd = _anon_fd(_HARNESS_SOURCE)
+_compiled: dict[str, tuple[bytes, dict[str, Any]]] = {}
+
+
+def _harness(python: str) -> tuple[bytes, dict[str, Any]]:
+    """Return the harness and its modules for ``python``, compiled when its bytecode is ours."""
+    if python not in _compiled:
+        if _bytecode_magic(python) == importlib.util.MAGIC_NUMBER:
+            harness = marshal.dumps(compile(_HARNESS_SOURCE, "sandbox_harness.py", "exec"))
+            modules = {name: compile(source, name + ".py", "exec")
+                       for name, source in _HARNESS_MODULES.items()}
+            _compiled[python] = (harness, modules)
+        else:
+            _compiled[python] = (_HARNESS_SOURCE, dict(_HARNESS_MODULES))
+    return _compiled[python]
+
+
+def _bytecode_magic(python: str) -> bytes | None:
+    """Return the bytecode magic number of ``python``, or None if it cannot be asked.
+
+    Same magic, portable code objects: .pyc files are shared across patch releases.
+    """
+    program = "import sys,importlib._bootstrap_external as b;sys.stdout.write(b.MAGIC_NUMBER.hex())"
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", program], capture_output=True, timeout=30,
+                             env={"PATH": _SAFE_PATH}, check=True).stdout
+        return bytes.fromhex(out.decode())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def _spawn(backend: _Backend, payload: bytes, secret: bytes,
+           workdir: str) -> tuple[subprocess.Popen, int]:
+    source_fd = _anon_fd(_harness(backend.python)[0])
     payload_fd = _anon_fd(payload)
+    secret_fd = _anon_fd(secret)
     result_r, result_w = os.pipe()
     argv = [*backend.prefix, backend.python, "-I", "-S", "-c", _BOOTSTRAP,
-            str(source_fd), str(payload_fd), str(result_w)]
+            str(source_fd), str(payload_fd), str(secret_fd), str(result_w)]
     env = {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "HOME": workdir}
     try:
-        # pass_fds makes exactly these three inheritable in the child; every other fd of the
+        # pass_fds makes exactly these four inheritable in the child; every other fd of the
         # caller (other threads' pipes included) is O_CLOEXEC, so concurrent spawns are safe.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE,
-                                pass_fds=(source_fd, payload_fd, result_w),
+                                pass_fds=(source_fd, payload_fd, secret_fd, result_w),
                                 env=env, cwd=workdir if backend.level == "process-group"
                                 else "/", start_new_session=True)
     except BaseException:
         os.close(result_r)
         raise
     finally:
-        for fd in (source_fd, payload_fd, result_w):
+        for fd in (source_fd, payload_fd, secret_fd, result_w):
             os.close(fd)
     return proc, result_r
 

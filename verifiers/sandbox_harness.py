@@ -45,6 +45,7 @@ _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 _SYS_MOUNT_SETATTR = 442  # same number on every architecture (added in Linux 5.12)
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWUSER = 0x10000000
 
@@ -62,33 +63,6 @@ def _write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[_write(fd, view):]
-
-
-def _short(text):
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
-
-
-def _describe(exc, filename, source):
-    """One line: exception type, message, and the failing line of ``source`` if known."""
-    try:
-        name = type(exc).__name__
-        if isinstance(exc, SyntaxError):
-            return _short(f"{name} at line {exc.lineno}: {exc.msg}")
-        lineno = None
-        tb = exc.__traceback__
-        while tb is not None:  # the innermost frame that belongs to this source wins
-            if tb.tb_frame.f_code.co_filename == filename:
-                lineno = tb.tb_lineno
-            tb = tb.tb_next
-        text = str(exc)
-        out = name + (": " + text if text else "")
-        lines = source.splitlines()
-        if lineno is not None and 0 < lineno <= len(lines):
-            out += f" at line {lineno}: {lines[lineno - 1].strip()}"
-        return _short(out)
-    except BaseException:  # a hostile __str__ must not take the harness down
-        return "exception (unprintable)"
 
 
 def _libc():
@@ -133,28 +107,54 @@ def _set_limits(limits):
         resource.setrlimit(which, (value, value))
 
 
-def _setup(setup, limits):
-    """Namespaces (if any), scratch dir, rlimits, then drop privileges; raises on failure."""
+def _setup(setup, limits, split, before_fork, after_fork):
+    """Namespaces, scratch dir, rlimits, privileges; returns (role, candidate pid).
+
+    Roles: "single" runs everything (io mode), "candidate" runs the program (asserts mode)
+    and "evaluator" runs the tests (asserts mode, never the program). ``after_fork(pid)``
+    runs in both processes right after the evaluator/candidate split, before anything else;
+    ``before_fork()`` right before it (after the fallback's keeper fork, which must not
+    hold the channel open).
+    With a PID namespace the candidate gets a user namespace of its own (below the one of
+    PID 1), so it holds no capability over the evaluator, which is also non-dumpable: its
+    /proc files and memory are closed to the candidate even where both have the same uid.
+    Raises on failure.
+    """
     ctypes = libc = None
-    if setup["pid_ns"] or setup["uid"] is not None:
+    role, pid = "single", None
+    if setup["pid_ns"] or setup["uid"] is not None or split:
         ctypes, libc = _libc()
-    if setup["pid_ns"] and setup["uid"] is not None:
-        _split_user_namespace(ctypes, libc, setup)  # returns in the child only
+    nested_uid = setup["uid"] if setup["uid"] is not None else (0 if split else None)
+    if setup["pid_ns"] and nested_uid is not None:
+        if split:
+            before_fork()
+        pid = _split_user_namespace(ctypes, libc, setup, nested_uid, after_fork)
+        if pid != 0 and not split:
+            _exit_like(pid)
+        role = "single" if not split else ("candidate" if pid == 0 else "evaluator")
     elif setup["pid_ns"]:
         _isolate_filesystem(ctypes, libc, setup)
     elif setup["keeper"]:
         _keep()
     os.chdir(setup["workdir"])
     _set_limits(limits)
-    if setup["uid"] is not None:
+    if setup["uid"] is not None and role != "evaluator":
         os.setgroups([])
         os.setgid(setup["gid"])
         os.setuid(setup["uid"])
+    if split and role == "single":  # process-group: same uid, split after the drop
+        before_fork()
+        pid = os.fork()
+        after_fork(pid)
+        role = "candidate" if pid == 0 else "evaluator"
     if libc is not None:
         _check(ctypes, libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        # Changing uid clears the parent-death signal; re-arm it (outside a PID namespace
-        # it is what ends the run if our parent dies; inside, init's exit does that).
+        # Changing uid (and fork) clears the parent-death signal; re-arm it (outside a PID
+        # namespace it is what ends the run if our parent dies; inside, init's exit does that).
         _check(ctypes, libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+    if role == "evaluator":
+        _check(ctypes, libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+    return role, pid
 
 
 def _exit_like(pid):
@@ -170,19 +170,21 @@ def _keep():
         _exit_like(pid)
 
 
-def _split_user_namespace(ctypes, libc, setup):
-    """Fork; the child enters a fresh user namespace, the parent stays PID 1 as root.
+def _split_user_namespace(ctypes, libc, setup, ident, after_fork):
+    """Fork; the child enters a fresh user namespace, the parent stays PID 1.
 
-    Only the sandbox uid/gid are mapped in it (to the same ids outside), so after the
-    child drops to them its processes are charged to this namespace: RLIMIT_NPROC then
-    counts this sandbox's processes only, not those of every sandbox using uid 65534.
-    The parent writes the maps (while /proc is still writable), makes the filesystem
-    read-only, lets the child go on, and exits with the child's status. It owns the
-    mount namespace, so the child, without capabilities there, cannot undo the mounts.
+    Only uid/gid ``ident`` is mapped in it (to the same id outside), so after the child
+    drops to it its processes are charged to this namespace: RLIMIT_NPROC then counts
+    this sandbox's processes only, not those of every sandbox using uid 65534. The
+    parent writes the maps (while /proc is still writable), makes the filesystem
+    read-only and lets the child go on; it returns the child's pid (0 in the child). It
+    owns the mount namespace, so the child, without capabilities there, cannot undo the
+    mounts.
     """
     to_parent_r, to_parent_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
     pid = os.fork()
+    after_fork(pid)
     if pid == 0:
         os.close(to_parent_r)
         os.close(to_child_w)
@@ -195,13 +197,13 @@ def _split_user_namespace(ctypes, libc, setup):
         if os.read(to_child_r, 1) != b"1":
             raise OSError("the namespace init failed to set up the sandbox")
         os.close(to_child_r)
-        return
+        return 0
     os.close(to_parent_w)
     os.close(to_child_r)
     go = b"0"
     try:
         if os.read(to_parent_r, 1) == b"1":  # else the child reports its own error
-            for name, ident in (("uid_map", setup["uid"]), ("gid_map", setup["gid"])):
+            for name in ("uid_map", "gid_map"):
                 with open(f"/proc/{pid}/{name}", "w") as f:
                     f.write(f"{ident} {ident} 1\n")
             _isolate_filesystem(ctypes, libc, setup)
@@ -209,34 +211,81 @@ def _split_user_namespace(ctypes, libc, setup):
     finally:
         os.write(to_child_w, go)
         os.close(to_child_w)
-    _exit_like(pid)
+    return pid
 
 
-def _run_asserts(program, tests, emit):
+def _load(sources, name):
+    """Compile and register one of the helper modules whose source came in the payload."""
+    module = type(sys)(name)
+    code = sources[name]  # a code object when the caller runs this same interpreter
+    exec(compile(code, name + ".py", "exec") if type(code) is str else code, module.__dict__)
+    sys.modules[name] = module
+    return module
+
+
+def _evaluate(sources, tests, channel_fds, pid, emit):
+    """Run the evaluator role: hear how the program went, run the tests, end the candidate."""
+    evaluator = _load(sources, "sandbox_evaluator")
+    request_fd, reply_fd = channel_fds
+    channel = evaluator.Channel(request_fd, reply_fd, pid)
     try:
-        code = compile(program, "<program>", "exec")
-    except BaseException as exc:  # SyntaxError, ValueError (NUL bytes), RecursionError, ...
-        emit(kind="syntax", error=_describe(exc, "<program>", program))
-        return
-    # Not "__main__": demo blocks behind `if __name__ == "__main__":` (input(), prints) do
-    # not run, as in the reference HumanEval harness.
-    namespace = {"__name__": "__solution__", "__builtins__": builtins}
+        started = channel.receive()
+    except evaluator.CandidateGone as exc:  # before any user code: the sandbox's fault
+        emit(kind="setup_error", error="the candidate process failed to start: " + str(exc))
+        os._exit(_EXIT_SETUP_FAILED)
     try:
-        exec(code, namespace)
-    except BaseException as exc:  # SystemExit and KeyboardInterrupt included on purpose
-        emit(kind="program", ok=False, error=_describe(exc, "<program>", program),
-             memory=isinstance(exc, MemoryError))
+        hello = channel.receive() if started.get("started") is True else {}
+    except evaluator.CandidateGone as exc:
+        emit(kind="program", ok=False, error=wire.short(str(exc)) + " before the tests ran",
+             memory=False, reason=exc.reason)
         return
-    emit(kind="program", ok=True)
-    for index, test in enumerate(tests):
-        filename = f"<test {index}>"
+    kind = hello.get("hello")
+    error = wire.short(str(hello.get("error")))
+    if kind == "syntax":
+        emit(kind="syntax", error=error)
+    elif kind == "program":
+        emit(kind="program", ok=False, error=error, memory=hello.get("memory") is True)
+    elif kind == "ok":
+        emit(kind="program", ok=True)
+        evaluator.run_tests(tests, channel, hello.get("names"), emit)
+    else:
+        emit(kind="program", ok=False, error="the candidate broke the channel protocol",
+             memory=False, reason="crashed")
+    os.close(request_fd)  # the candidate's server sees EOF, flushes its output and exits
+    if channel.gone is None:
+        _reap(pid, reply_fd, 0.5)
+
+
+def _reap(pid, reply_fd, grace):
+    """Wait up to ``grace`` seconds for the candidate to exit, then SIGKILL and reap it.
+
+    Its exit shows as EOF on the reply pipe, whose write end only it (and its children) hold.
+    """
+    for _ in range(16):  # bytes after the last reply are the candidate's: drop a few reads
+        ready, _, _ = select.select([reply_fd], [], [], grace)
+        if not ready or not os.read(reply_fd, 1 << 16):
+            break
+    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def _candidate(sources, program, channel_fds):
+    """Candidate role: run the program and serve calls; never returns."""
+    server = _load(sources, "sandbox_server")
+    request_fd, reply_fd = channel_fds
+    server._send(reply_fd, {"started": True})  # setup is over: what follows is the program's
+    server.serve(program, request_fd, reply_fd)
+    for stream in (sys.stdout, sys.stderr):
         try:
-            exec(compile(test, filename, "exec"), namespace)
-        except BaseException as exc:
-            emit(kind="test", index=index, ok=False, error=_describe(exc, filename, test),
-                 memory=isinstance(exc, MemoryError))
-        else:
-            emit(kind="test", index=index, ok=True)
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(0)  # skip atexit handlers the program may have registered
 
 
 def _child_main(code, program, child_limits):
@@ -253,7 +302,7 @@ def _child_main(code, program, child_limits):
     except BaseException as exc:
         status = _EXIT_MEMORY if isinstance(exc, MemoryError) else 1
         try:
-            sys.stderr.write(_describe(exc, "<program>", program) + "\n")
+            sys.stderr.write(wire.describe(exc, "<program>", program) + "\n")
         except BaseException:
             pass
     try:
@@ -324,7 +373,7 @@ def _run_io(program, inputs, emit, result_fd, setup, cap, child_limits):
     try:
         code = compile(program, "<program>", "exec")
     except BaseException as exc:
-        emit(kind="syntax", error=_describe(exc, "<program>", program))
+        emit(kind="syntax", error=wire.describe(exc, "<program>", program))
         return
     for index, text in enumerate(inputs):
         in_fd = _stdin_fd(text.encode("utf-8"), setup["workdir"])
@@ -351,14 +400,40 @@ def _run_io(program, inputs, emit, result_fd, setup, cap, child_limits):
 
 
 def main():
-    payload_fd, result_fd = int(sys.argv[2]), int(sys.argv[3])
+    global wire
+    payload_fd, secret_fd, result_fd = (int(arg) for arg in sys.argv[2:5])
     payload = marshal.loads(_read_all(payload_fd))
     os.close(payload_fd)
-    nonce = payload["nonce"]
     mode = payload["mode"]
+    sources = payload["modules"]
+    wire = _load(sources, "sandbox_wire")
+    secret = {}  # nonce and tests: read only by the process that reports (never the candidate)
+    split = mode == "asserts"
+    ends = {}
+
+    def open_channel():  # the private channel: requests to the candidate, replies back
+        ends["request_r"], ends["request_w"] = os.pipe()
+        ends["reply_r"], ends["reply_w"] = os.pipe()
+
+    def read_secret():
+        secret.update(marshal.loads(_read_all(secret_fd)))
+        os.close(secret_fd)
+
+    def after_fork(pid):
+        if not split:
+            return
+        keep = ("request_r", "reply_w") if pid == 0 else ("request_w", "reply_r")
+        for name in [n for n in ends if n not in keep]:
+            os.close(ends.pop(name))
+        if pid == 0:
+            secret["candidate"] = True
+            os.close(secret_fd)
+            os.close(result_fd)
+        else:
+            read_secret()
 
     def emit(**record):
-        record["nonce"] = nonce
+        record["nonce"] = secret["nonce"]
         _write_all(result_fd, (_repr(record) + "\n").encode("utf-8", "backslashreplace"))
 
     try:
@@ -366,15 +441,25 @@ def main():
         # In io mode the file-size cap waits for the child, so that the harness can put
         # a stdin bigger than the cap into its memfd.
         child_limits = {"RLIMIT_FSIZE": limits.pop("RLIMIT_FSIZE")} if mode == "io" else {}
-        _setup(payload["setup"], limits)
+        role, pid = _setup(payload["setup"], limits, split, open_channel, after_fork)
     except BaseException as exc:
-        emit(kind="setup_error", error=_short(f"{type(exc).__name__}: {exc}"))
+        message = wire.short(f"{type(exc).__name__}: {exc}")
+        if secret.get("candidate"):  # no result channel here: the evaluator reports it
+            os.write(2, ("sandbox setup failed: " + message + "\n").encode())
+            os._exit(_EXIT_SETUP_FAILED)
+        if "nonce" not in secret:
+            read_secret()
+        emit(kind="setup_error", error=message)
         os._exit(_EXIT_SETUP_FAILED)
-    emit(kind="ready")  # before any user code: its absence means the sandbox never started
-    if mode == "asserts":
-        _run_asserts(payload["program"], payload["tests"], emit)
-    elif mode == "io":
-        _run_io(payload["program"], payload["tests"], emit, result_fd, payload["setup"],
+    if role == "candidate":
+        _candidate(sources, payload["program"], (ends["request_r"], ends["reply_w"]))
+    if "nonce" not in secret:
+        read_secret()
+    emit(kind="ready")  # its absence means the sandbox never started
+    if role == "evaluator":
+        _evaluate(sources, secret["tests"], (ends["request_w"], ends["reply_r"]), pid, emit)
+    else:
+        _run_io(payload["program"], secret["tests"], emit, result_fd, payload["setup"],
                 payload["output_cap"], child_limits)
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -385,4 +470,5 @@ def main():
     os._exit(0)  # skip atexit handlers the program may have registered
 
 
+wire = None  # sandbox_wire, loaded from the payload by main()
 main()

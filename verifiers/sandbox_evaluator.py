@@ -1,0 +1,303 @@
+"""Trusted side of asserts mode: run the test code, calling the candidate through proxies.
+
+The evaluator is a process of the sandbox that never runs a line of the candidate's code.
+It runs each test string with its own builtins and modules in a namespace where each of
+the candidate's top-level names is a proxy (:class:`Remote`): calling one sends the
+arguments as plain data over a private channel to the candidate process
+(``sandbox_server.py``) and rebuilds the reply with ``sandbox_wire.decode``, as exact
+built-in types. So ``==``, ``isinstance``, ``math.isclose``, ``sorted`` and every other
+operation in a test run on the evaluator's terms; the candidate can only hand back data.
+
+What a test may do: define functions, classes and data (HumanEval's ``METADATA`` and
+``check(candidate)``); import modules (its own, untouched by the candidate); call the
+candidate's top-level functions and classes with plain data or candidate objects as
+arguments, by position or keyword; call methods and read data attributes of the objects a
+candidate class returns; catch the candidate's exceptions by their built-in base class
+(``except ValueError`` catches a candidate ``class E(ValueError)``; the message keeps the
+candidate's type name). A list, dict or set argument that the candidate mutates is sent
+back after the call and updated in place on the trusted side.
+
+What fails, with a reason naming the construct (a :class:`CandidateFailure`, which a test's
+``except Exception`` cannot swallow, and which fails the test even if a bare ``except``
+does): a result that is not plain data (a subclass of int, an object with its own
+``__eq__``, a generator, a function; objects are handles only when a class was called);
+passing a test-defined function or object to the candidate; operators, ``len``, ``bool``,
+iteration, indexing or comparison on a candidate object; the candidate exiting, being
+killed or running out of memory during a call. Top-level candidate values that are not
+plain data, callables or modules are not visible to tests (NameError).
+"""
+
+import builtins
+import os
+import sys
+
+import sandbox_wire as wire
+
+_BUILTIN_TYPES = "None, bool, int, float, complex, str, bytes, tuple, list, set, frozenset, dict"
+
+
+class CandidateFailure(BaseException):
+    """A test fails because of what the candidate did, not because an assert was false.
+
+    A BaseException so that a test's ``except Exception`` cannot turn it into a pass.
+    """
+
+    reason = None  # a verdict reason for code.py ("exited early", "crashed"), or None
+    memory = False
+
+
+class NotPlainData(CandidateFailure):
+    """The candidate returned something other than plain data."""
+
+
+class Unsupported(CandidateFailure):
+    """The test asked for a construct that cannot cross to the candidate as data."""
+
+
+class CandidateGone(CandidateFailure):
+    """The candidate process ended (exit, signal) or broke the channel protocol."""
+
+
+class CandidateMemoryError(CandidateFailure):
+    """The candidate ran out of memory during a call."""
+
+    memory = True
+
+
+class CandidateAbort(CandidateFailure):
+    """The candidate raised SystemExit, KeyboardInterrupt or another non-Exception."""
+
+
+class CandidateError(Exception):
+    """The candidate raised an exception with no built-in Exception base (never expected)."""
+
+
+class Remote:
+    """A trusted stand-in for a candidate function, class or object; data-only calls."""
+
+    __slots__ = ("_channel", "_ref", "_label")
+
+    def __init__(self, channel, ref, label):
+        object.__setattr__(self, "_channel", channel)
+        object.__setattr__(self, "_ref", ref)
+        object.__setattr__(self, "_label", label)
+
+    def __call__(self, *args, **kwargs):
+        return self._channel.call(self, None, args, kwargs)
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return self._channel.getattr(self, attr)
+
+    def __repr__(self):
+        return f"<candidate {self._label}>"
+
+    def _refuse(self, *args):
+        self._channel.refuse("an operator, len(), bool(), iteration, indexing or a comparison on "
+                             f"candidate object {self._label}")
+
+    __setattr__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+    __bool__ = __len__ = __iter__ = __getitem__ = __contains__ = __add__ = __sub__ = _refuse
+    __mul__ = __truediv__ = __floordiv__ = __mod__ = __neg__ = __abs__ = _refuse
+    __int__ = __float__ = __index__ = __radd__ = __rsub__ = __rmul__ = _refuse
+    __hash__ = object.__hash__
+
+
+class _Method:
+    """A bound method of a candidate object, called by name on the candidate side."""
+
+    __slots__ = ("owner", "attr")
+
+    def __init__(self, owner, attr):
+        self.owner, self.attr = owner, attr
+
+    def __call__(self, *args, **kwargs):
+        return self.owner._channel.call(self.owner, self.attr, args, kwargs)
+
+
+class Channel:
+    """The evaluator's end of the channel: one request, one reply, in order."""
+
+    def __init__(self, request_fd, reply_fd, pid):
+        self.request_fd, self.reply_fd, self.pid = request_fd, reply_fd, pid
+        self.next_id = 0
+        self.gone = None  # the CandidateGone that ended the channel, once it has
+        self.failed = False  # a CandidateFailure was raised during the current test
+
+    def fail(self, exc_type, message):
+        self.failed = True
+        raise exc_type(message)
+
+    def refuse(self, what):
+        self.fail(Unsupported, what + " is not supported (tests compare plain data only)")
+
+    def hello(self):
+        return self.receive()
+
+    def send(self, message):
+        data = wire.frame(wire.encode(message))
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.request_fd, view):]
+        except OSError:
+            self.end("closed its end of the channel")
+
+    def receive(self):
+        """Return the next reply (a dict); raise CandidateGone if the candidate is gone."""
+        if self.gone is not None:
+            self.failed = True
+            raise self.gone
+        try:
+            head = wire.read_exact(os.read, self.reply_fd, 4)
+            size = int.from_bytes(head, "big") if head else 0
+            if head and size > wire.MAX_MESSAGE:
+                raise wire.WireError(f"a reply of {size} bytes (cap {wire.MAX_MESSAGE})")
+            message = wire.decode(wire.read_exact(os.read, self.reply_fd, size)) if head else None
+        except (OSError, wire.WireError) as exc:
+            self.end(f"broke the channel protocol ({exc})")
+        if message is None:
+            self.end(None)
+        if type(message) is not dict:
+            self.end("broke the channel protocol (a reply that is not a dict)")
+        return message
+
+    def end(self, what):
+        """Record that the candidate is gone (and why), then raise CandidateGone."""
+        _, status = os.waitpid(self.pid, 0)
+        if what is None and os.WIFEXITED(status):
+            what = f"exited with status {os.WEXITSTATUS(status)}"
+            reason = "exited early" if os.WEXITSTATUS(status) == 0 else "crashed"
+        elif what is None:
+            what = f"was killed by signal {os.WTERMSIG(status)}"
+            reason = "crashed"
+        else:
+            reason = "crashed"
+        self.gone = CandidateGone("the candidate process " + what)
+        self.gone.reason = reason
+        self.failed = True
+        raise self.gone
+
+    def call(self, remote, attr, args, kwargs):
+        label = remote._label + ("." + attr if attr else "")
+        try:
+            args_data = wire.encode(list(args), self.handle_of)
+            kwargs_data = wire.encode(dict(kwargs), self.handle_of)
+        except wire.NotData as exc:
+            self.refuse(f"passing {exc} to {label}")
+        reply = self.request({"op": "call", "ref": remote._ref, "attr": attr,
+                              "args": args_data, "kwargs": kwargs_data})
+        for index, data in reply.get("mutated") or ():
+            _update_in_place(args, index, self.decode(data, label))
+        if "handle" in reply:
+            handle = ("h", str(reply["handle"]))
+            return Remote(self, handle, "{} instance".format(wire.short(str(reply.get("type")))))
+        return self.result(reply, label)
+
+    def getattr(self, remote, attr):
+        label = remote._label + "." + attr
+        reply = self.request({"op": "getattr", "ref": remote._ref, "attr": attr})
+        if reply.get("callable") is True:
+            return _Method(remote, attr)
+        return self.result(reply, label)
+
+    def request(self, message):
+        if self.gone is not None:
+            self.failed = True
+            raise self.gone
+        self.next_id += 1
+        message["id"] = self.next_id
+        self.send(message)
+        reply = self.receive()
+        if reply.get("id") != self.next_id:
+            self.end("broke the channel protocol (a reply out of turn)")
+        return reply
+
+    def result(self, reply, label):
+        if "value" in reply:
+            return self.decode(reply["value"], label)
+        if "notdata" in reply:
+            self.fail(NotPlainData, "{} returned {}, which is not plain data ({})".format(
+                label, wire.short(str(reply["notdata"])), _BUILTIN_TYPES))
+        if "raised" in reply:
+            self.raise_candidate(reply, label)
+        self.end("broke the channel protocol (a reply with no outcome)")
+
+    def raise_candidate(self, reply, label):
+        error = wire.short(str(reply.get("error")))
+        if reply.get("memory"):
+            self.fail(CandidateMemoryError, f"{label} ran out of memory: {error}")
+        if reply.get("base"):
+            self.fail(CandidateAbort, f"{label} raised {error}")
+        names = reply.get("raised")
+        cls = wire.builtin_exception(names if type(names) is list else [])
+        raise (cls or CandidateError)(f"in {label}: {error}")
+
+    def decode(self, data, label):
+        if type(data) is not bytes:
+            self.end("broke the channel protocol (a value that is not bytes)")
+        try:
+            return wire.decode(data)
+        except wire.WireError as exc:
+            self.fail(NotPlainData, f"{label} returned malformed data ({exc})")
+
+    def handle_of(self, obj):
+        if type(obj) is Remote and obj._channel is self:
+            return None if obj._ref[0] != "h" else obj._ref[1]
+        return None
+
+
+def _update_in_place(args, index, new):
+    if type(index) is not int or not 0 <= index < len(args):
+        return
+    old = args[index]
+    if type(old) is list and type(new) is list:
+        old[:] = new
+    elif type(old) in (dict, set) and type(new) is type(old):
+        old.clear()
+        old.update(new)
+
+
+def namespace_for(channel, names):
+    """Return the test namespace: the evaluator's builtins, proxies for the candidate's names."""
+    namespace = {"__name__": "__test__", "__builtins__": builtins}
+    if type(names) is not dict:
+        return namespace
+    for name, kind in names.items():
+        if type(name) is not str or type(kind) is not tuple or not kind:
+            continue
+        if kind[0] == "callable":
+            namespace[name] = Remote(channel, ("n", name), name)
+        elif kind[0] == "module" and len(kind) == 2 and type(kind[1]) is str:
+            try:  # the evaluator's own copy of the module the candidate imported
+                __import__(kind[1])
+                namespace[name] = sys.modules[kind[1]]
+            except BaseException:
+                pass
+        elif kind[0] == "data" and len(kind) == 2 and type(kind[1]) is bytes:
+            try:
+                namespace[name] = wire.decode(kind[1])
+            except wire.WireError:
+                pass
+    return namespace
+
+
+def run_tests(tests, channel, names, emit):
+    """Run each test string in one shared namespace; one ``test`` record per test."""
+    namespace = namespace_for(channel, names)
+    for index, test in enumerate(tests):
+        filename = f"<test {index}>"
+        channel.failed = False
+        try:
+            exec(compile(test, filename, "exec"), namespace)
+        except BaseException as exc:
+            emit(kind="test", index=index, ok=False, error=wire.describe(exc, filename, test),
+                 memory=isinstance(exc, (MemoryError, CandidateMemoryError)),
+                 reason=exc.reason if isinstance(exc, CandidateFailure) else None)
+            continue
+        if channel.failed:  # a bare `except:` in the test swallowed a CandidateFailure
+            emit(kind="test", index=index, ok=False, reason=None, memory=False,
+                 error="the test caught a failure of the candidate (see earlier tests)")
+        else:
+            emit(kind="test", index=index, ok=True)
