@@ -29,6 +29,8 @@ plain data, callables or modules are not visible to tests (NameError).
 
 import builtins
 import os
+import select
+import signal
 import sys
 
 import sandbox_wire as wire
@@ -94,8 +96,9 @@ class Remote:
         return f"<candidate {self._label}>"
 
     def _refuse(self, *args):
-        self._channel.refuse("an operator, len(), bool(), iteration, indexing or a comparison on "
-                             f"candidate object {self._label}")
+        self._channel.refuse(
+            f"an operator, len(), bool(), iteration, indexing or a comparison on candidate object {self._label}"
+        )
 
     __setattr__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
     __bool__ = __len__ = __iter__ = __getitem__ = __contains__ = __add__ = __sub__ = _refuse
@@ -124,6 +127,7 @@ class Channel:
         self.next_id = 0
         self.gone = None  # the CandidateGone that ended the channel, once it has
         self.failed = False  # a CandidateFailure was raised during the current test
+        self.current = None  # what the pending request asks for, for messages
 
     def fail(self, exc_type, message):
         self.failed = True
@@ -140,7 +144,7 @@ class Channel:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self.request_fd, view):]
+                view = view[os.write(self.request_fd, view) :]
         except OSError:
             self.end("closed its end of the channel")
 
@@ -164,8 +168,25 @@ class Channel:
         return message
 
     def end(self, what):
-        """Record that the candidate is gone (and why), then raise CandidateGone."""
-        _, status = os.waitpid(self.pid, 0)
+        """Record that the candidate is gone (and why), then raise CandidateGone.
+
+        A candidate that broke the protocol, or closed its end but lingers, is killed: it
+        may be blocked writing a reply nobody will read.
+        """
+        status = None
+        for _ in range(0 if what else 100):  # EOF: it is exiting, or it closed its fds
+            done, wait_status = os.waitpid(self.pid, os.WNOHANG)
+            if done == self.pid:
+                status = wait_status
+                break
+            select.select([], [], [], 0.005)
+        if status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            status = os.waitpid(self.pid, 0)[1]
+            what = what or "closed its end of the channel"
         if what is None and os.WIFEXITED(status):
             what = f"exited with status {os.WEXITSTATUS(status)}"
             reason = "exited early" if os.WEXITSTATUS(status) == 0 else "crashed"
@@ -174,7 +195,8 @@ class Channel:
             reason = "crashed"
         else:
             reason = "crashed"
-        self.gone = CandidateGone("the candidate process " + what)
+        during = f" during {self.current}" if self.current else ""
+        self.gone = CandidateGone("the candidate process " + what + during)
         self.gone.reason = reason
         self.failed = True
         raise self.gone
@@ -186,8 +208,8 @@ class Channel:
             kwargs_data = wire.encode(dict(kwargs), self.handle_of)
         except wire.NotData as exc:
             self.refuse(f"passing {exc} to {label}")
-        reply = self.request({"op": "call", "ref": remote._ref, "attr": attr,
-                              "args": args_data, "kwargs": kwargs_data})
+        self.current = label + "()"
+        reply = self.request({"op": "call", "ref": remote._ref, "attr": attr, "args": args_data, "kwargs": kwargs_data})
         for index, data in reply.get("mutated") or ():
             _update_in_place(args, index, self.decode(data, label))
         if "handle" in reply:
@@ -197,6 +219,7 @@ class Channel:
 
     def getattr(self, remote, attr):
         label = remote._label + "." + attr
+        self.current = label
         reply = self.request({"op": "getattr", "ref": remote._ref, "attr": attr})
         if reply.get("callable") is True:
             return _Method(remote, attr)
@@ -218,8 +241,12 @@ class Channel:
         if "value" in reply:
             return self.decode(reply["value"], label)
         if "notdata" in reply:
-            self.fail(NotPlainData, "{} returned {}, which is not plain data ({})".format(
-                label, wire.short(str(reply["notdata"])), _BUILTIN_TYPES))
+            self.fail(
+                NotPlainData,
+                "{} returned {}, which is not plain data ({})".format(
+                    label, wire.short(str(reply["notdata"])), _BUILTIN_TYPES
+                ),
+            )
         if "raised" in reply:
             self.raise_candidate(reply, label)
         self.end("broke the channel protocol (a reply with no outcome)")
@@ -292,12 +319,23 @@ def run_tests(tests, channel, names, emit):
         try:
             exec(compile(test, filename, "exec"), namespace)
         except BaseException as exc:
-            emit(kind="test", index=index, ok=False, error=wire.describe(exc, filename, test),
-                 memory=isinstance(exc, (MemoryError, CandidateMemoryError)),
-                 reason=exc.reason if isinstance(exc, CandidateFailure) else None)
+            emit(
+                kind="test",
+                index=index,
+                ok=False,
+                error=wire.describe(exc, filename, test),
+                memory=isinstance(exc, (MemoryError, CandidateMemoryError)),
+                reason=exc.reason if isinstance(exc, CandidateFailure) else None,
+            )
             continue
         if channel.failed:  # a bare `except:` in the test swallowed a CandidateFailure
-            emit(kind="test", index=index, ok=False, reason=None, memory=False,
-                 error="the test caught a failure of the candidate (see earlier tests)")
+            emit(
+                kind="test",
+                index=index,
+                ok=False,
+                reason=None,
+                memory=False,
+                error="the test caught a failure of the candidate (see earlier tests)",
+            )
         else:
             emit(kind="test", index=index, ok=True)

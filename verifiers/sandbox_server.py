@@ -36,7 +36,7 @@ def _send(fd, message):
     data = wire.frame(wire.encode(message))
     view = memoryview(data)
     while view:
-        view = view[_write(fd, view):]
+        view = view[_write(fd, view) :]
 
 
 def _receive(fd):
@@ -98,9 +98,13 @@ class _Server:
             result = target(*args, **kwargs)
         except BaseException as exc:  # SystemExit included: the evaluator decides
             names = [c.__name__ for c in _type(exc).__mro__ if _type(c.__name__) is str]
-            return {"id": ident, "raised": names, "error": wire.describe(exc, "<program>", self.program),
-                    "base": not _isinstance(exc, Exception),
-                    "memory": _isinstance(exc, MemoryError)}
+            return {
+                "id": ident,
+                "raised": names,
+                "error": wire.describe(exc, "<program>", self.program),
+                "base": not _isinstance(exc, Exception),
+                "memory": _isinstance(exc, MemoryError),
+            }
         mutated = []
         for index, arg in enumerate(args):
             try:
@@ -133,8 +137,7 @@ def serve(program, request_fd, reply_fd):
     try:
         code = compile(program, "<program>", "exec")
     except BaseException as exc:  # SyntaxError, ValueError (NUL bytes), RecursionError, ...
-        _send(reply_fd, {"hello": "syntax", "error": wire.describe(exc, "<program>", program),
-                         "memory": False})
+        _send(reply_fd, {"hello": "syntax", "error": wire.describe(exc, "<program>", program), "memory": False})
         return
     # Not "__main__": demo blocks behind `if __name__ == "__main__":` (input(), prints) do
     # not run, as in the reference HumanEval harness.
@@ -142,8 +145,14 @@ def serve(program, request_fd, reply_fd):
     try:
         exec(code, namespace)
     except BaseException as exc:  # SystemExit and KeyboardInterrupt included on purpose
-        _send(reply_fd, {"hello": "program", "error": wire.describe(exc, "<program>", program),
-                         "memory": _isinstance(exc, MemoryError)})
+        _send(
+            reply_fd,
+            {
+                "hello": "program",
+                "error": wire.describe(exc, "<program>", program),
+                "memory": _isinstance(exc, MemoryError),
+            },
+        )
         return
     _send(reply_fd, {"hello": "ok", "names": _names(namespace)})
     server = _Server(namespace, program)

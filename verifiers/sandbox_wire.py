@@ -114,7 +114,7 @@ class _Reader:
         end = self.pos + n
         if end > _len(self.data):
             raise WireError("truncated message")
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 
