@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from rlvr.trainer.async_trainer import train_async as train
     from rlvr.envs.registry import RegistryError
+    from rlvr.trainer.checkpoint import CheckpointError
     from rlvr.trainer.distributed import is_main
     from rlvr.trainer.engines import EngineError
     from rlvr.trainer.generator_worker import GeneratorError
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         result = train(config)
-    except (FileNotFoundError, RegistryError, EngineError) as e:
-        # no checkpoint to resume, unknown --env, engines that cannot run as asked: usage errors
+    except (FileNotFoundError, CheckpointError, RegistryError, EngineError) as e:
+        # no (whole) checkpoint to resume, unknown --env, engines that cannot run as asked: usage errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except GeneratorError as e:

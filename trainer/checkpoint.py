@@ -9,8 +9,16 @@
 - ``rng_state.pt``: Python, NumPy and torch RNG states;
 - ``config.yaml``: the run's ``TrainConfig``, for the record.
 
+- ``manifest.json``, written last: the relative path, size and sha256 of every other file
+  (DeepSpeed's ``deepspeed/`` subfolder included).
+
 A checkpoint is written to ``step_N.tmp`` and renamed when complete, so a crash while
-saving never leaves a half-written folder that ``--resume latest`` would pick.
+saving never leaves a half-written ``step_N`` folder; the manifest catches what the rename
+cannot (a file truncated or changed afterwards, a copy cut short, a full disk that wrote
+short files). ``--resume DIR`` refuses a folder whose files do not match its manifest,
+with a message naming the file and what is wrong; ``--resume auto`` (or ``latest``) takes
+the newest checkpoint that matches, and logs each newer one it skipped and why. Only the
+newest ``--keep-checkpoints`` are kept (the one just written always is).
 
 Resuming restores the weights, optimizer, step and RNG state; the task order and the
 sampling seed of each step are functions of (seed, step), so a resumed run draws the same
@@ -20,7 +28,9 @@ the command line (pass the same flags or ``--config``); the saved one is not re-
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import re
 import shutil
@@ -34,8 +44,15 @@ from rlvr.trainer.config import TrainConfig, config_yaml
 from rlvr.trainer.distributed import barrier, is_main
 from rlvr.trainer.types import Learner
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or corrupted; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -70,30 +87,109 @@ def save_checkpoint(output_dir: str | Path, step: int, learner: Learner, tokeniz
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / "config.yaml").write_text(config_yaml(config))
+        write_manifest(tmp)  # last: every rank's files are in place (barrier above)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        prune_checkpoints(output_dir, config.keep_checkpoints, keep=final)
     barrier()
     return final
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Return the complete checkpoint with the most steps under ``output_dir``, or None."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``folder/manifest.json``: size and sha256 of every file under ``folder``, by relative path."""
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise ``CheckpointError`` unless every file in ``path``'s manifest is there with its size and sha256.
+
+    Files not in the manifest are ignored (a user's notes do not spoil a checkpoint).
+    """
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}, so its files cannot be checked (cut short, or not rlvr's)")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: not a readable manifest ({e})") from None
+    for rel, want in files.items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the manifest lists it)")
+        size = file.stat().st_size
+        if size != want["size"]:
+            what = "truncated" if size < want["size"] else "longer than written"
+            raise CheckpointError(f"{file}: {what}: {size} bytes, the manifest says {want['size']}")
+        if _sha256(file) != want["sha256"]:
+            raise CheckpointError(f"{file}: corrupted: its sha256 differs from the manifest's (same size)")
+
+
+def _step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Return the ``step_N`` folders under ``output_dir/checkpoints``, newest first (``.tmp`` folders excluded)."""
     root = Path(output_dir) / CHECKPOINTS
-    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name))]
-    return max(found)[1] if found else None
+    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (0 keeps every one); never ``keep``."""
+    if keep_last <= 0:
+        return
+    for _, path in _step_dirs(output_dir)[keep_last:]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Return the newest whole checkpoint under ``output_dir`` (it matches its manifest), or None.
+
+    Each newer one that does not match is skipped with a warning saying why.
+    """
+    for _, path in _step_dirs(output_dir):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            logger.warning("skipping checkpoint %s: %s", path.name, e)
+            continue
+        return path
+    return None
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path:
-    """Turn ``--resume`` (a folder, or 'latest') into a checkpoint folder, or raise clearly."""
-    if resume == "latest":
+    """Turn ``--resume`` (a folder, or 'auto' / 'latest') into a verified checkpoint folder, or raise clearly.
+
+    A folder given by path that fails its manifest raises ``CheckpointError``: the user
+    asked for that one, so falling back silently to another would be wrong.
+    """
+    if resume in ("auto", "latest"):
         path = latest_checkpoint(output_dir)
         if path is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {Path(output_dir) / CHECKPOINTS}")
+            found = len(_step_dirs(output_dir))
+            why = f"{found} found, none whole (see the warnings above)" if found else "none found"
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint under {Path(output_dir) / CHECKPOINTS} ({why})")
         return path
     path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / "trainer_state.json").is_file() and not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {resume}: refusing a damaged checkpoint: {e}") from None
     return path
 
 

@@ -142,8 +142,11 @@ class TrainConfig:
     # --- bookkeeping
     checkpoint_every: int = 0
     """Save a checkpoint every N steps (0: only at the end). The final step is always saved."""
+    keep_checkpoints: int = 3
+    """Keep only the newest K checkpoints under output_dir (0 keeps every one); the final one is always kept."""
     resume: str | None = None
-    """Checkpoint directory to continue from, or 'latest' for the newest under output_dir."""
+    """Checkpoint directory to continue from, or 'auto' / 'latest' for the newest whole one under
+    output_dir (a checkpoint whose files do not match its manifest is refused, or skipped by 'auto')."""
     progress: bool = True
     """Show a tqdm progress bar with step, reward and speed."""
 
@@ -168,6 +171,7 @@ class TrainConfig:
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0 (0 keeps every checkpoint)"),
             ("torch_threads", self.torch_threads >= 0, "must be >= 0"),
             ("env_kwargs", isinstance(self.env_kwargs, dict), "must be a mapping (a JSON object)"),
             ("max_staleness", self.max_staleness is None or self.max_staleness >= 0, "must be >= 0"),
@@ -274,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if f.name == "resume":
-            # A bare --resume means 'latest'.
-            parser.add_argument(flag, nargs="?", const="latest", metavar="DIR|latest", **kwargs)
+            # A bare --resume means 'auto'.
+            parser.add_argument(flag, nargs="?", const="auto", metavar="DIR|auto|latest", **kwargs)
         elif f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "env_kwargs":
