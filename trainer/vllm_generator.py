@@ -74,6 +74,7 @@ embeddings included. The CPU attention kernels need a head dimension in
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -83,6 +84,8 @@ from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # must precede `import vllm`
+# vLLM logs a few INFO lines per weight update to stdout: hundreds in a training run's log.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # vLLM's import touches a deprecated torch.distributed alias; the warning is vLLM's to fix, not the user's.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
 
@@ -94,6 +97,29 @@ from rlvr.trainer.types import Completion, SamplingParams  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
+
+
+class _KnownNoise(logging.Filter):
+    """Drops vLLM warnings that every step repeats and that say nothing wrong here.
+
+    A rotary embedding has no weights to reload (its cos/sin cache is computed), and the
+    CPU worker's refusal of ``torch.set_num_threads`` is about its own threads, which it
+    bound at start.
+    """
+
+    PATTERNS = ("RotaryEmbedding: Failed to load weights", "doesn't allow to use `torch.set_num_threads`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p in message for p in self.PATTERNS)
+
+
+def _quiet_known_noise() -> None:
+    """Put ``_KnownNoise`` on vLLM's handlers (vLLM sets its logging up when an engine starts)."""
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, _KnownNoise) for f in handler.filters):
+            handler.addFilter(_KnownNoise())
+
 
 _EXTENSION = f"{__name__}.WeightSyncExtension"
 
@@ -151,6 +177,7 @@ class VLLMGenerator:
                 worker_extension_cls=_EXTENSION,
                 **llm_kwargs,
             )
+        _quiet_known_noise()
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its
         # OpenMP threads; in-process that would silently disable the caller's thread control.
         torch.set_num_threads = set_num_threads
