@@ -5,9 +5,15 @@ The program is the completion's last fenced block tagged ``python`` (or ``py``,
 two forms, chosen by type:
 
 - assert strings (HumanEval style): each string is a block of code, e.g. HumanEval's
-  ``def check(candidate): ...`` text followed by ``check(entry_point)``. The program and
-  then each test run in one namespace (``__name__`` is not ``"__main__"``, so demo code
-  behind a main guard does not run); a test passes when it raises nothing.
+  ``def check(candidate): ...`` text followed by ``check(entry_point)``. The tests run in
+  one namespace of a trusted evaluator process, never in the program's interpreter; the
+  program's top-level functions and classes are proxies there, and what they return is
+  rebuilt as plain data (exact built-in types). A result of any other type (a subclass of
+  int, an object with its own ``__eq__``) fails the test with a reason that says so;
+  mutated list/dict/set arguments are sent back after the call. ``sandbox_evaluator.py``
+  says exactly what a test may and may not do. ``__name__`` is not ``"__main__"`` for the
+  program, so demo code behind a main guard does not run; a test passes when it raises
+  nothing.
 - ``{"input": str, "output": str}`` pairs: the program runs as ``__main__`` once per pair
   with that stdin; it passes when it exits with status 0 and its stdout equals the
   expected output, ignoring trailing whitespace on each line and trailing blank lines. The
@@ -16,14 +22,16 @@ two forms, chosen by type:
 Score 1.0 only when every test passes (reason "passed"); otherwise 0.0 with one reason:
 "no code found", "syntax error", "runtime error" (the program itself raised before any
 test), "tests failed: F/N" (F of N tests failed), "timeout", "memory limit",
-"output limit", "exited early" (the process ended before the harness reported all
-tests, e.g. ``os._exit``), "crashed" (killed by a signal or nonzero exit before the end),
+"output limit", "exited early" (the program's process ended with status 0 before all
+tests were run, e.g. ``os._exit(0)``), "crashed" (killed by a signal, a nonzero exit, or
+a program that broke its call channel),
 "invalid harness output" (lines on the result channel without the run's nonce).
 
 Why pass/fail never comes from the exit code or stdout: a program can ``sys.exit(0)``,
-``os._exit(0)`` or print "passed". The harness writes nonce-stamped records to a private
-pipe, and the verdict needs a record for every test plus a final ``done`` record; see
-``sandbox.py`` for what that does and does not defend against.
+``os._exit(0)`` or print "passed". The evaluator writes nonce-stamped records to a
+private pipe that the program's process never holds, and the verdict needs a record for
+every test plus a final ``done`` record; see ``sandbox.py`` for what that does and does
+not defend against.
 
 ``timeout`` bounds the whole run (all tests together), not each test.
 """

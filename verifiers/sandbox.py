@@ -5,6 +5,21 @@ variables) that executes ``sandbox_harness.py``. The harness sets up isolation, 
 program (against assert strings, or once per stdin string) and reports on a private pipe.
 This module only spawns, reads with caps, kills and parses; scoring lives in ``code.py``.
 
+Assert tests never run in the candidate's interpreter. The harness splits into two
+processes: the *evaluator*, which alone holds the result pipe, the run's nonce and the
+tests, and which never executes a line of the program; and the *candidate*, which runs the
+program and serves calls of its top-level functions and classes over a pipe pair. The
+evaluator runs each test with its own builtins and modules, where the candidate's names
+are proxies, and rebuilds every reply as exact built-in types (``sandbox_wire.py``: no
+pickle, no objects, only None/bool/int/float/complex/str/bytes and tuples, lists, sets,
+frozensets and dicts of them). An ``__eq__`` that returns True, an int subclass, a patched
+``math.isclose`` or ``builtins.sorted``, or a frame walk in search of the nonce therefore
+decides nothing: see ``sandbox_evaluator.py`` for exactly what a test may and may not do.
+The candidate holds no capability over the evaluator, which is non-dumpable (its /proc
+files and memory are closed even to a process with the same uid); per level below.
+Stdin/stdout tests run the program in forked children without the result pipe, and the
+expected output never enters the sandbox.
+
 Isolation levels (picked once per process by a probe run, see :func:`isolation_level`;
 ``RLVR_SANDBOX_ISOLATION`` forces one, ``RLVR_SANDBOX_PYTHON`` picks the interpreter):
 
@@ -14,7 +29,8 @@ Isolation levels (picked once per process by a probe run, see :func:`isolation_l
     harness is PID 1 there and stays root; it remounts the whole filesystem read-only
     and nosuid (recursively, ``mount_setattr``), mounts fresh size-capped tmpfs on /tmp
     (the scratch dir, cwd and HOME) and /dev/shm, and forks the process that runs the
-    program. That child enters its own user namespace in which only uid/gid 65534
+    program (for assert tests PID 1 is then the evaluator, for stdin tests it waits). That
+    child enters its own user namespace in which only uid/gid 65534
     (nobody) is mapped, drops to it (no supplementary groups, ``no_new_privs``), so it
     has no capability anywhere, cannot touch the mounts, cannot signal PID 1, and no
     setuid binary gives root back. Because the user namespace is per run, RLIMIT_NPROC
@@ -24,7 +40,9 @@ Isolation levels (picked once per process by a probe run, see :func:`isolation_l
 ``user-namespaces`` (caller is not root but may create user namespaces)
     The same, inside ``unshare --user --map-root-user``; no uid drop (only one uid is
     mapped), so on the host the program has the caller's uid, but it cannot write any
-    file (read-only mounts) nor see or signal any process outside its PID namespace.
+    file (read-only mounts) nor see or signal any process outside its PID namespace. For
+    assert tests the candidate gets a user namespace below PID 1's (uid 0 mapped to 0), so
+    its capabilities end at its own namespace and do not reach the evaluator (PID 1).
     RLIMIT_NPROC counts all of the caller's processes (and does not apply at all if the
     caller is root, which is why root uses ``namespaces``).
 ``process-group`` (fallback)
@@ -32,12 +50,18 @@ Isolation levels (picked once per process by a probe run, see :func:`isolation_l
     cwd and HOME, and SIGKILL to the whole process group when the run ends. As root it
     also drops to uid 65534 (the scratch dir is chowned to it). A keeper process sits
     between the caller and the program so that a naive ``os.kill(os.getppid(), 9)``
-    does not hit the caller. Network, filesystem and processes are NOT isolated.
+    does not hit the caller. For assert tests the candidate is forked after the uid drop,
+    so it shares the evaluator's uid; the evaluator is non-dumpable, so the candidate can
+    neither read its memory nor open its fds, but it can signal it (the verdict is then
+    "crashed", never a pass). Network, filesystem and processes are NOT isolated.
 
 Cost: about 18 ms of CPU per run with namespaces (interpreter start-up dominates; the
 mount namespace teardown adds ~10 ms of latency but no CPU), so threads overlap well:
 ``verify_code_batch`` from 8 threads did ~78 trivial programs/s on this 2-core machine
-while other jobs kept it loaded (load average ~6).
+while other jobs kept it loaded (load average ~6). The evaluator/candidate split costs
+about as much CPU as it saves by sending the harness precompiled (same bytecode magic),
+plus ~70 us per call of the candidate: HumanEval's 164 canonical solutions went from ~48
+to ~45 verdicts/s side by side (``scripts/bench_verifiers.py --only humaneval``).
 
 Always: environment reduced to PATH, LANG and HOME; rlimits on CPU seconds, address space
 (RLIMIT_AS), file size, processes and open files; stdout, stderr and the result pipe read
@@ -57,14 +81,20 @@ What is NOT isolated, at any level:
   (``user-namespaces``) or with concurrent root-fallback sandboxes (``process-group``).
 - Unix sockets on the filesystem (as opposed to abstract ones) are reachable when their
   permissions allow "other"; a network namespace does not cover them.
-- In-process attacks on the harness (assert tests only): the program runs in the
-  interpreter that writes the records, so deliberate Python introspection (walking frames, ``gc.get_objects``)
-  can find the nonce and the result fd and forge a pass. The design defeats exiting,
-  killing, printing and writing guessed records; it cannot defeat code that reads the
-  harness's memory. Stdin/stdout tests are not exposed to this: the program runs in a
-  forked child without the result fd, and the expected output never enters the sandbox.
+- What the candidate returns is its own business: the evaluator can only check the data
+  it gets back, so a program that special-cases the test inputs it is called with (it
+  sees the arguments, never the expected values) is not caught. Helper functions that a
+  HumanEval prompt defines (``encode_cyclic`` next to ``decode_cyclic``) are candidate
+  code too, and tests call them through the channel like the entry point.
+- The evaluator runs the tests' own code unsandboxed inside the sandbox (as root at the
+  ``namespaces`` level, PID 1, with the same rlimits): tests are trusted input, not model
+  output.
 - ``process-group`` only: network, other processes of the same uid, world-writable paths
   (/tmp, /dev/shm), and children that ``setsid`` away from the group (they survive).
+  Without root the program runs as the caller's uid, so it can write whatever the caller
+  can, the interpreter's own library included where the caller owns it (a later run's
+  evaluator would import what it wrote), and read the caller's memory where ptrace rules
+  allow: this level is a fallback, not a boundary.
 """
 
 from __future__ import annotations

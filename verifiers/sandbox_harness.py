@@ -1,25 +1,30 @@
 """The script that runs inside the sandbox: set up isolation, run the program, report.
 
 ``rlvr.verifiers.sandbox`` starts ``python -I -S -c <bootstrap> SOURCE_FD PAYLOAD_FD
-RESULT_FD``; the bootstrap execs this file's text from SOURCE_FD (it is never imported).
-PAYLOAD_FD holds a ``marshal``-ed dict written by the caller (the trusted direction);
-RESULT_FD is the write end of a private pipe on which this script writes one ``repr``-ed
-dict per line, each carrying the per-run random nonce from the payload. The caller accepts
-only lines with the nonce, so a program that prints "passed", writes fake records without
-the nonce, exits early or kills itself never produces a pass.
+SECRET_FD RESULT_FD``; the bootstrap execs this file from SOURCE_FD (source, or a
+marshal-ed code object when the caller runs the same bytecode; it is never imported).
+PAYLOAD_FD holds a ``marshal``-ed dict written by the caller (the trusted direction): the
+mode, the program, the limits and the helper modules (``sandbox_wire``, ``sandbox_server``,
+``sandbox_evaluator``, registered in ``sys.modules`` by :func:`_load`). SECRET_FD holds
+the run's nonce and the tests; only the process that reports reads it. RESULT_FD is the
+write end of a private pipe on which that process writes one ``repr``-ed dict per line,
+each carrying the nonce. The caller accepts only lines with the nonce, so a program that
+prints "passed", writes fake records, exits early or kills itself never produces a pass.
 
 Modes:
 
-- ``asserts``: compile the program (a syntax error is reported as such), exec it, then exec
-  each test string in the same namespace; one record per test. User code runs in this
-  process, so a deliberate in-process attack (walking frames to find the nonce) can forge
-  records; see the isolation notes in ``sandbox.py``.
+- ``asserts``: the harness splits (see :func:`_setup`) into the candidate, which closes
+  SECRET_FD and RESULT_FD before it runs the program and then serves calls
+  (``sandbox_server.py``), and the evaluator, which reads the tests, runs them with
+  proxies for the candidate's names and writes one record per test
+  (``sandbox_evaluator.py``). The candidate never holds the nonce, the tests or the
+  result pipe, and cannot reach the evaluator's memory or fds.
 - ``io``: for each stdin string, fork a child that closes RESULT_FD and runs the program as
   ``__main__`` with that stdin; this process captures the child's stdout (capped) and
   sends it back raw. The comparison with the expected output happens in the caller; the
   expected outputs never enter the sandbox.
 
-Kept import-light (no json, re, traceback, tempfile: each costs milliseconds, and start-up
+Kept import-light (no json, re, ast, traceback, tempfile: each costs milliseconds, and start-up
 is most of the cost of a sandboxed run) and compatible with Python 3.8+, since it may run
 under a system interpreter older than the caller's.
 """
