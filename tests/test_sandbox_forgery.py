@@ -151,6 +151,19 @@ ATTACKS = [
         "AssertionError",
     ),
     (
+        "top-level-builtin-names",
+        "def sorted(*a, **k):\n    return [1, 2, 3]\nabs = lambda x: 0\nimport fractions as math\n"
+        "def f():\n    return 'nope'",
+        ["assert sorted(f()) == [1, 2, 3] and abs(len(f()) - 9) == 0"],
+        "AssertionError",
+    ),
+    (
+        "module-alias-is-not-the-module",
+        "import operator as math\ndef f():\n    return 1",
+        ["assert math.isclose(f(), 1.5)"],
+        "NameError",
+    ),
+    (
         "patched-assertionerror",
         "import builtins\nbuiltins.AssertionError = KeyError\ndef add(a, b):\n    return 0",
         ADD_TESTS,

@@ -24,7 +24,11 @@ does): a result that is not plain data (a subclass of int, an object with its ow
 passing a test-defined function or object to the candidate; operators, ``len``, ``bool``,
 iteration, indexing or comparison on a candidate object; the candidate exiting, being
 killed or running out of memory during a call. Top-level candidate values that are not
-plain data, callables or modules are not visible to tests (NameError).
+plain data, callables or modules are not visible to tests (NameError), nor is any
+candidate name that is also a builtin's (``def sorted`` leaves the test the real
+``sorted``); a module the candidate imported is visible as the evaluator's own copy, and
+only under its own name (``import math``, not ``import fractions as math``). Test code
+itself is trusted: it may do anything Python allows, with the sandbox's limits.
 """
 
 import builtins
@@ -294,9 +298,11 @@ def namespace_for(channel, names):
     for name, kind in names.items():
         if type(name) is not str or type(kind) is not tuple or not kind:
             continue
+        if hasattr(builtins, name):  # `def sorted(...)` must not stand in for the real one
+            continue
         if kind[0] == "callable":
             namespace[name] = Remote(channel, ("n", name), name)
-        elif kind[0] == "module" and len(kind) == 2 and type(kind[1]) is str:
+        elif kind[0] == "module" and len(kind) == 2 and name in (kind[1], _last(kind[1])):
             try:  # the evaluator's own copy of the module the candidate imported
                 __import__(kind[1])
                 namespace[name] = sys.modules[kind[1]]
@@ -308,6 +314,10 @@ def namespace_for(channel, names):
             except wire.WireError:
                 pass
     return namespace
+
+
+def _last(dotted):
+    return dotted.rsplit(".", 1)[-1] if type(dotted) is str else None
 
 
 def run_tests(tests, channel, names, emit):
