@@ -86,9 +86,9 @@ What is NOT isolated, at any level:
   sees the arguments, never the expected values) is not caught. Helper functions that a
   HumanEval prompt defines (``encode_cyclic`` next to ``decode_cyclic``) are candidate
   code too, and tests call them through the channel like the entry point.
-- The evaluator runs the tests' own code unsandboxed inside the sandbox (as root at the
-  ``namespaces`` level, PID 1, with the same rlimits): tests are trusted input, not model
-  output.
+- The evaluator runs the tests' own code with the sandbox's mounts, uid and rlimits but
+  outside the candidate's user namespace (PID 1 at the namespace levels): tests are
+  trusted input, not model output, and nothing but plain data reaches them.
 - ``process-group`` only: network, other processes of the same uid, world-writable paths
   (/tmp, /dev/shm), and children that ``setsid`` away from the group (they survive).
   Without root the program runs as the caller's uid, so it can write whatever the caller
