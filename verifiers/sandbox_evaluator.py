@@ -17,18 +17,19 @@ candidate class returns; catch the candidate's exceptions by their built-in base
 candidate's type name). A list, dict or set argument that the candidate mutates is sent
 back after the call and updated in place on the trusted side.
 
-What fails, with a reason naming the construct (a :class:`CandidateFailure`, which a test's
-``except Exception`` cannot swallow, and which fails the test even if a bare ``except``
-does): a result that is not plain data (a subclass of int, an object with its own
-``__eq__``, a generator, a function; objects are handles only when a class was called);
-passing a test-defined function or object to the candidate; operators, ``len``, ``bool``,
-iteration, indexing or comparison on a candidate object; the candidate exiting, being
-killed or running out of memory during a call. Top-level candidate values that are not
-plain data, callables or modules are not visible to tests (NameError), nor is any
-candidate name that is also a builtin's (``def sorted`` leaves the test the real
-``sorted``); a module the candidate imported is visible as the evaluator's own copy, and
-only under its own name (``import math``, not ``import fractions as math``). Test code
-itself is trusted: it may do anything Python allows, with the sandbox's limits.
+What fails, with a reason naming the construct (a :class:`CandidateFailure`, which a
+test's ``except Exception`` cannot swallow, and which fails the test even if a bare
+``except`` does): a result that is not plain data (a subclass of int, an object with its
+own ``__eq__``, a generator, a function; objects are handles only when a class was
+called); passing a test-defined function or object to the candidate; operators, ``len``,
+``bool``, iteration, indexing or comparison on a candidate object; the candidate
+exiting, being killed or running out of memory during a call. Top-level candidate values
+that are not plain data (of at most 64 KiB encoded), callables or modules are not
+visible to tests (NameError), nor is any candidate name that is also a builtin's (``def
+sorted`` leaves the test the real ``sorted``); a module the candidate imported is
+visible as the evaluator's own copy, and only under its own name (``import math``, not
+``import fractions as math``). Test code itself is trusted: it may do anything Python
+allows, with the sandbox's limits.
 """
 
 import builtins

@@ -30,6 +30,7 @@ _write = os.write
 _type = type
 _isinstance = isinstance
 _callable = callable
+_MAX_CONSTANT = 64 << 10  # bytes: top-level data values bigger than this are not visible to tests
 
 
 def _send(fd, message):
@@ -59,9 +60,11 @@ def _names(namespace):
             names[name] = ("callable",)
         else:
             try:
-                names[name] = ("data", wire.encode(value))
+                data = wire.encode(value)
             except wire.NotData:
-                pass  # not reachable from a test; the evaluator reports a NameError
+                continue  # not reachable from a test; the evaluator reports a NameError
+            if len(data) <= _MAX_CONSTANT:  # a big lookup table stays on this side
+                names[name] = ("data", data)
     return names
 
 
