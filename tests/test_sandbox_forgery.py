@@ -4,7 +4,8 @@ The tests run in the trusted evaluator; the candidate only answers calls with pl
 Each attack here comes with a wrong ``add`` (or none), so the only way to score is to make
 a test pass on the candidate's terms: every one must score 0, with a failure message that
 names what happened, and leave no process behind. Run at every isolation level that works
-here. The last part checks that honest programs that use the supported constructs (in-place
+here. A memory scan shows that the candidate's process never holds the run's nonce or the
+tests (so there is nothing for a frame walk to find). The last part checks that honest programs that use the supported constructs (in-place
 mutation, classes, exceptions, exact data types) still pass, and the wire format itself.
 """
 
@@ -445,3 +446,54 @@ def test_wire_refuses_self_containing_values():
 def test_wire_rejects_malformed_bytes(data):
     with pytest.raises(wire.WireError):
         wire.decode(data)
+
+
+# --- what the candidate's process holds ---------------------------------------------------------
+
+NONCE_HALVES = ("0123456789abcdef", "fedcba9876543210")
+TEST_HALVES = ("abad1deaabad1dea", "c0ffeec0ffeec0ff")
+MEMORY_SCAN = """\
+import ctypes
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: make /proc/self/mem ours to read
+
+def holds(first, second):  # scan every readable mapping; the needle is never built whole
+    first, second = first.encode(), second.encode()
+    with open("/proc/self/mem", "rb", 0) as mem:
+        for line in open("/proc/self/maps").read().splitlines():
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if not fields[1].startswith("r") or hi - lo > 256 << 20:
+                continue
+            try:
+                mem.seek(lo)
+                data = mem.read(hi - lo)
+            except (OSError, OverflowError, ValueError):
+                continue
+            at = data.find(first)
+            while at != -1:
+                if data[at + len(first):at + len(first) + len(second)] == second:
+                    return True
+                at = data.find(first, at + 1)
+    return False
+
+def add(a, b):
+    return [holds(%r, %r), holds(%r, %r)]
+"""
+
+
+def test_candidate_process_never_holds_the_nonce_or_the_tests(level, monkeypatch):
+    from rlvr.verifiers import sandbox
+
+    monkeypatch.setattr(sandbox.secrets, "token_hex", lambda n: "".join(NONCE_HALVES))
+    program = MEMORY_SCAN % (*NONCE_HALVES, *TEST_HALVES)
+    test = f"found = add(1, 2)\nassert found == [False, False], found  # {''.join(TEST_HALVES)}"
+    result = run_tests(program, [test], isolation=level)
+    assert result.reason == "passed", result
+    # The scan itself works: the same check, on data this process does hold, finds it.
+    known = "".join(NONCE_HALVES) + "-still-here"
+    control = run_tests(
+        MEMORY_SCAN % (*NONCE_HALVES, *TEST_HALVES) + f"\nKEEP = {known!r}\n",
+        ["assert add(1, 2)[0] is True"],
+        isolation=level,
+    )
+    assert control.reason == "passed", control
