@@ -60,8 +60,9 @@ mount namespace teardown adds ~10 ms of latency but no CPU), so threads overlap 
 ``verify_code_batch`` from 8 threads did ~78 trivial programs/s on this 2-core machine
 while other jobs kept it loaded (load average ~6). The evaluator/candidate split costs
 about as much CPU as it saves by sending the harness precompiled (same bytecode magic),
-plus ~70 us per call of the candidate: HumanEval's 164 canonical solutions went from ~48
-to ~45 verdicts/s side by side (``scripts/bench_verifiers.py --only humaneval``).
+plus ~70 us per call of the candidate: ~28 ms of CPU per run before and after, and
+HumanEval's 164 canonical solutions at 46-51 verdicts/s before and 49-53 after, measured
+side by side at load average 6-7 (``scripts/bench_verifiers.py --only humaneval``).
 
 Always: environment reduced to PATH, LANG and HOME; rlimits on CPU seconds, address space
 (RLIMIT_AS), file size, processes and open files; stdout, stderr and the result pipe read
