@@ -1,12 +1,13 @@
 """Programs that try to win the comparison instead of computing the answer (issue 12).
 
-The tests run in the trusted evaluator; the candidate only answers calls with plain data.
-Each attack here comes with a wrong ``add`` (or none), so the only way to score is to make
-a test pass on the candidate's terms: every one must score 0, with a failure message that
-names what happened, and leave no process behind. Run at every isolation level that works
-here. A memory scan shows that the candidate's process never holds the run's nonce or the
-tests (so there is nothing for a frame walk to find). The last part checks that honest programs that use the supported constructs (in-place
-mutation, classes, exceptions, exact data types) still pass, and the wire format itself.
+The tests run in the trusted evaluator; the candidate only answers calls with plain
+data. Each attack here comes with a wrong ``add`` (or none), so the only way to score is
+to make a test pass on the candidate's terms: every one must score 0, with a failure
+message that names what happened, and leave no process behind. Run at every isolation
+level that works here. A memory scan shows that the candidate's process never holds the
+run's nonce or the tests (so there is nothing for a frame walk to find). The last part
+checks that honest programs that use the supported constructs (in-place mutation,
+classes, exceptions, exact data types) still pass, and the wire format itself.
 """
 
 from __future__ import annotations
