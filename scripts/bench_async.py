@@ -21,7 +21,7 @@ Runs and their threads (``--torch-threads``):
   parallelism (``torch_threads=2``): the same hardware as the pipeline;
 - ``async, eta=k``: the two-process pipeline with ``torch_threads=2``, i.e. one thread,
   one core, per role;
-- ``sync, vllm`` and ``async vllm, eta=k``: the same with ``--generator vllm`` (vLLM's
+- ``sync, vllm, 1 thr`` and ``async vllm, eta=k``: the same with ``--generator vllm`` (vLLM's
   engine in-process, in the learner process or in the generator process; weights sent to
   it after every step), when vLLM is installed (``--vllm-etas`` with no value: none).
 
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.vllm_etas and not installed("vllm"):
             print("vllm is not installed: no vLLM rows")
         elif args.vllm_etas:
-            runs.append(_measure("sync, vllm", config("syncv", torch_threads=2, generator="vllm"), args.warmup))
+            # One thread, as the baseline row: the generator-only difference.
+            runs.append(_measure("sync, vllm, 1 thr", config("syncv", torch_threads=1, generator="vllm"), args.warmup))
             for eta in args.vllm_etas:
                 vllm_eta = config(f"asyncv{eta}", torch_threads=2, max_staleness=eta, generator="vllm")
                 runs.append(_measure(f"async vllm, eta={eta}", vllm_eta, args.warmup))

@@ -36,7 +36,7 @@ def test_bench_async_runs_sync_and_async_side_by_side():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sync, 1 thread" in proc.stdout and "async, eta=1" in proc.stdout, proc.stdout
     if importlib.util.find_spec("vllm") is not None:
-        assert "sync, vllm" in proc.stdout and "async vllm, eta=1" in proc.stdout, proc.stdout
+        assert "sync, vllm, 1 thr" in proc.stdout and "async vllm, eta=1" in proc.stdout, proc.stdout
 
 
 def test_make_default_model_builds_a_loadable_model(tmp_path):
