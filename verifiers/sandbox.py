@@ -108,8 +108,6 @@ import os
 import secrets
 import selectors
 import shutil
-import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -118,6 +116,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from rlvr.verifiers.sandbox_process import exited, remove_tree, signal_group, terminate
 
 logger = logging.getLogger(__name__)
 
@@ -351,10 +351,10 @@ def _run(backend: _Backend, mode: str, program: str, tests: list[str],
             streams = _collect(proc, result_r, limits, result_cap, start, namespaced)
         finally:
             os.close(result_r)
-            _terminate(proc, namespaced)
+            terminate(proc, namespaced)
     finally:
         if not namespaced:
-            _remove_tree(workdir)
+            remove_tree(workdir)
     records, valid = _parse_records(streams.result, nonce)
     if valid and not records and not streams.timed_out and not streams.overflow:
         raise SandboxError(f"{backend.level} sandbox did not start (exit "
@@ -452,10 +452,10 @@ def _collect(proc: subprocess.Popen, result_r: int, limits: SandboxLimits,
             if now >= deadline:
                 timed_out = True
                 break
-            if exited_at is None and _exited(proc.pid):
+            if exited_at is None and exited(proc.pid):
                 exited_at = now
                 if not namespaced:  # leftovers in the group would hold the pipes open
-                    _signal_group(proc.pid)
+                    signal_group(proc.pid)
             if exited_at is not None and now - exited_at > _EXIT_GRACE:
                 break  # something that escaped the group still holds a pipe open
             for key, _ in sel.select(min(deadline - now, 0.1)):
@@ -470,71 +470,6 @@ def _collect(proc: subprocess.Popen, result_r: int, limits: SandboxLimits,
     proc.stderr.close()
     return _Streams(bytes(bufs[out_fd]), bytes(bufs[err_fd]), bytes(bufs[result_r]),
                     timed_out, overflow)
-
-
-def _exited(pid: int) -> bool:
-    """Tell whether child ``pid`` has exited, leaving it unreaped (its pid/pgid stay ours)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _terminate(proc: subprocess.Popen, namespaced: bool) -> None:
-    """Leave no process of the run alive, then reap the main process."""
-    if not namespaced:
-        # The leader is not reaped yet (zombie at worst), so this pgid cannot be reused.
-        _signal_group(proc.pid)
-    elif not _exited(proc.pid):
-        _kill_namespace(proc.pid)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # should not happen: init is SIGKILLed
-        proc.kill()
-        proc.wait()
-
-
-def _signal_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_namespace(unshare_pid: int) -> None:
-    """SIGKILL the namespace's init (the child of ``unshare``).
-
-    The kernel then kills everything else in the PID namespace, and ``unshare`` exits
-    only after reaping init, which happens after the namespace is empty. Killing
-    ``unshare`` itself would return too early (init's teardown still in flight).
-    """
-    for _ in range(400):  # unshare may not have forked yet: a few ms at most
-        children = _children(unshare_pid)
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if children or _exited(unshare_pid):
-            return
-        time.sleep(0.005)
-    os.kill(unshare_pid, signal.SIGKILL)  # never forked: nothing runs inside
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:  # kernel without CONFIG_PROC_CHILDREN: scan /proc
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == pid:
-                    found.append(int(entry))
-        return found
 
 
 def _parse_records(data: bytes, nonce: str) -> tuple[list[dict[str, Any]], bool]:
@@ -559,18 +494,3 @@ def _parse_records(data: bytes, nonce: str) -> tuple[list[dict[str, Any]], bool]
             continue
         records.append(record)
     return records, valid
-
-
-def _remove_tree(path: str) -> None:
-    """Remove a fallback scratch dir, even if the program made parts of it unwritable."""
-    shutil.rmtree(path, ignore_errors=True)
-    if not os.path.lexists(path):
-        return
-    for root, dirs, _ in os.walk(path):
-        for name in [root, *(os.path.join(root, d) for d in dirs)]:
-            try:
-                if stat.S_ISDIR(os.lstat(name).st_mode):  # never chmod through a symlink
-                    os.chmod(name, 0o700)
-            except OSError:
-                pass
-    shutil.rmtree(path, ignore_errors=True)
