@@ -85,7 +85,8 @@ from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choo
 from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
 from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
 from rlvr.trainer.losses import LossFn
-from rlvr.trainer.metrics import MetricsWriter, Stopwatch
+from rlvr.trainer.metrics import RunLog, Stopwatch
+from rlvr.trainer.rollout import RolloutBatch
 from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
 from rlvr.trainer.types import Learner
 from rlvr.trainer.weight_transport import SharedMemoryTransport
@@ -107,14 +108,14 @@ def train_async(config: TrainConfig) -> TrainResult:
     checkpoint, done = None, start
     bar = tqdm(total=config.max_steps, initial=start, desc="grpo-async", disable=not config.progress, file=sys.stderr)
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
-    writer = MetricsWriter(metrics_path, resume_step=start if resume_from is not None else None)
+    writer = RunLog(config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer)
     pipeline: _Pipeline | None = None
     try:
         pipeline = _Pipeline(config, learner, start)
         for step in range(start + 1, config.max_steps + 1):
-            record = _train_step(config, step, pipeline, learner, losses, tokenizer.pad_token_id)
+            record, rollouts = _train_step(config, step, pipeline, learner, losses, tokenizer.pad_token_id)
             done = step
-            writer.write(record)
+            writer.write(record, rollouts)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
             if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
@@ -178,8 +179,8 @@ def _losses(config: TrainConfig) -> _Losses:
 
 def _train_step(
     config: TrainConfig, step: int, pipeline: _Pipeline, learner: Learner, losses: _Losses, pad_id: int
-) -> dict[str, Any]:
-    """Take batch ``step``, learn from it, publish the new weights; return the step's metrics."""
+) -> tuple[dict[str, Any], RolloutBatch]:
+    """Take batch ``step``, learn from it, publish the new weights; return the step's metrics and its rollouts."""
     watch, t0 = Stopwatch(), time.perf_counter()
     with watch.time("wait"):
         item = pipeline.take(step, learner)
@@ -209,7 +210,7 @@ def _train_step(
         "async/buffered_batches": float(len(pipeline.buffer)),
         "async/generator_restarts": float(pipeline.restarts),
     }
-    return record
+    return record, rollouts
 
 
 class _Pipeline:

@@ -147,6 +147,9 @@ class TrainConfig:
     resume: str | None = None
     """Checkpoint directory to continue from, or 'auto' / 'latest' for the newest whole one under
     output_dir (a checkpoint whose files do not match its manifest is refused, or skipped by 'auto')."""
+    samples_every: int = 10
+    """Every N steps append a few episodes (prompt, completions, reward components, parsed
+    answer, reason) to output_dir/samples.jsonl; 0 disables."""
     progress: bool = True
     """Show a tqdm progress bar with step, reward and speed."""
 
@@ -171,6 +174,7 @@ class TrainConfig:
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("samples_every", self.samples_every >= 0, "must be >= 0 (0 disables samples.jsonl)"),
             ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0 (0 keeps every checkpoint)"),
             ("torch_threads", self.torch_threads >= 0, "must be >= 0"),
             ("env_kwargs", isinstance(self.env_kwargs, dict), "must be a mapping (a JSON object)"),

@@ -56,7 +56,7 @@ from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.distributed import init_distributed, scatter_batch
 from rlvr.trainer.engines import EngineError, build_generator, build_learner, choose_generator
-from rlvr.trainer.metrics import MetricsWriter, Stopwatch, rollout_metrics, timing_metrics
+from rlvr.trainer.metrics import RunLog, Stopwatch, rollout_metrics, timing_metrics
 from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
 from rlvr.trainer.types import Generator, Learner, SamplingParams
 from tqdm import tqdm
@@ -103,7 +103,8 @@ def train(config: TrainConfig) -> TrainResult:
     bar = tqdm(total=config.max_steps, initial=start, desc="grpo", disable=not (config.progress and main),
                file=sys.stderr)  # fmt: skip
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
-    writer = MetricsWriter(metrics_path, resume_step=start if resume_from is not None else None) if main else None
+    resume_step = start if resume_from is not None else None
+    writer = RunLog(config.output_dir, resume_step, config.samples_every, run.tokenizer) if main else None
     try:
         for step in range(start + 1, config.max_steps + 1):
             watch, t0 = Stopwatch(), time.perf_counter()
@@ -130,7 +131,7 @@ def train(config: TrainConfig) -> TrainResult:
             if writer is not None and rollouts is not None:
                 record = step_record(step, rollouts, learned, watch.seconds["learning"], time.perf_counter() - t0)
                 record["time/weight_sync"] = watch.seconds["weight_sync"]
-                writer.write(record)
+                writer.write(record, rollouts)  # metrics.jsonl, and samples.jsonl every samples_every steps
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
             if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):

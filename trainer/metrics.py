@@ -26,6 +26,11 @@ each side; the synchronous loop logs ``time/weight_sync``, the learner's weights
 the generator), ``time/generator_wait`` / ``_busy``, ``async/learner_idle_fraction`` and
 ``async/generator_idle_fraction`` (waiting time over wall time, per step),
 ``async/buffered_batches`` and ``async/generator_restarts``.
+
+Every ``--samples-every`` steps, ``samples.jsonl`` (same writer, same resume rule) gets
+one episode of each of the first ``SAMPLES_PER_LOG`` groups: the prompt as the model saw
+it, the completions, reward and components, what the verifier parsed and why it scored
+so, so a user can read what the model is doing without a debugger.
 """
 
 from __future__ import annotations
@@ -41,13 +46,16 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rlvr.trainer.advantages import zero_spread_fraction
 
 if TYPE_CHECKING:
     from rlvr.trainer.rollout import RolloutBatch
+
+SAMPLES_PER_LOG = 4
+"""Episodes written to samples.jsonl per logged step: the first of each of this many groups (distinct prompts)."""
 
 
 def log_to_stderr() -> None:
@@ -184,3 +192,43 @@ def summarize_run(records: list[dict], window: int = 5) -> dict[str, float]:
         "step_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else math.nan,
     }
+
+
+def sample_records(step: int, rollouts: RolloutBatch, tokenizer: Any, n: int = SAMPLES_PER_LOG) -> list[dict]:
+    """Return samples.jsonl lines for ``step``: the first episode of each of the first ``n`` groups."""
+    records = []
+    for group in rollouts.groups[:n]:
+        e = group[0]
+        try:
+            parsed = json.loads(json.dumps(e.parsed))
+        except (TypeError, ValueError):
+            parsed = str(e.parsed)  # a verifier may parse into any object
+        records.append({
+            "step": step, "group": e.group, "task_id": e.task_id,
+            "prompt": tokenizer.decode(e.prompt_ids, skip_special_tokens=False),
+            "completions": e.completions, "reward": e.reward, "reward_components": e.reward_components,
+            "parsed": parsed, "reason": e.reason, "length": e.num_model_tokens, "truncated": e.length_truncated,
+        })  # fmt: skip
+    return records
+
+
+class RunLog:
+    """A run's metrics.jsonl and samples.jsonl, written and resumed together (one ``write`` per step)."""
+
+    def __init__(self, output_dir: str | Path, resume_step: int | None, samples_every: int, tokenizer: Any):
+        self.metrics = MetricsWriter(Path(output_dir) / "metrics.jsonl", resume_step=resume_step)
+        self.samples = MetricsWriter(Path(output_dir) / "samples.jsonl", resume_step) if samples_every else None
+        self.samples_every, self.tokenizer = samples_every, tokenizer
+
+    def write(self, record: dict[str, Any], rollouts: RolloutBatch) -> None:
+        """Append the step's metrics, and on every ``samples_every``-th step its samples."""
+        self.metrics.write(record)
+        step = int(record["step"])
+        if self.samples is not None and step % self.samples_every == 0:
+            for sample in sample_records(step, rollouts, self.tokenizer):
+                self.samples.write(sample)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.samples is not None:
+            self.samples.close()

@@ -71,6 +71,8 @@ class Episode:
     """The final step's ``info["reward_components"]`` (for logging)."""
     parsed: Any = None
     """The final step's ``info["parsed"]``: what the verifier read (maj@k votes on it; evaluation.py)."""
+    reason: str = ""
+    """The final step's ``info["reason"]``: why the verifier scored it so (samples.jsonl)."""
     length_truncated: bool = False
     """Some model turn was cut at max_new_tokens."""
     context_truncated: bool = False
@@ -277,7 +279,7 @@ def _apply_turn(
         if isinstance(info, dict) and "reward_components" in info:
             episode.reward_components = {k: float(v) for k, v in info["reward_components"].items()}
         if isinstance(info, dict):
-            episode.parsed = info.get("parsed")
+            episode.parsed, episode.reason = info.get("parsed"), str(info.get("reason", ""))
         if terminated or truncated:
             episode.done = True
             continue
