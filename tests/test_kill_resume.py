@@ -2,9 +2,13 @@
 
 Step for step, every key but wall-clock timings: data order, sampling seeds, optimizer,
 RNG state and step counter all come back from the checkpoint. The asynchronous pipeline
-is checked at ``--max-staleness 0``, where it is deterministic; at staleness >= 1 the
-generator takes the newest weights that are fresh enough, which depends on timing, so
-two uninterrupted runs already differ there.
+is checked at ``--max-staleness 0``. At staleness >= 1 a resumed run cannot match yet: an
+uninterrupted run samples step 3 with the weights of version 1 (the generator runs ahead,
+at the staleness bound), but the checkpoint of step 2 holds only version 2, so the resumed
+run samples step 3 with version 2 (measured: ``policy_version`` 1.0 vs 2.0, loss -3.7e-7
+vs -9.9e-9; reward and step count equal). Matching it would need the last ``eta`` weight
+versions in the checkpoint and a generator that replays them; and which version the
+generator takes is timing-dependent in the first place (it takes the newest admissible).
 """
 
 from __future__ import annotations
