@@ -139,6 +139,18 @@ class TrainConfig:
     """Times the pipeline restarts a generator process that died without reporting an error
     (killed, out of memory); an error raised inside the generator always stops the run."""
 
+    # --- evaluation during training (evaluation.py; the synchronous loop)
+    eval_every: int = 0
+    """Every N steps evaluate the current weights greedily (pass@1, reward, components, length) and
+    log them as eval/... in metrics.jsonl; 0 disables."""
+    eval_env: str | None = None
+    """Environment to evaluate on; absent: the training env (with its env_kwargs)."""
+    eval_env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the eval env, as a JSON object: name a held-out split here
+    ('{"split": "test"}'); procedural envs evaluate on task indices disjoint from training's."""
+    eval_limit: int = 50
+    """Tasks per evaluation."""
+
     # --- bookkeeping
     checkpoint_every: int = 0
     """Save a checkpoint every N steps (0: only at the end). The final step is always saved."""
@@ -174,6 +186,14 @@ class TrainConfig:
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("eval_every", self.eval_every >= 0, "must be >= 0 (0 disables evaluation during training)"),
+            (
+                "eval_every",
+                not self.eval_every or self.max_staleness is None,
+                "needs the synchronous loop (no --max-staleness)",
+            ),
+            ("eval_limit", self.eval_limit >= 1, "must be >= 1"),
+            ("eval_env_kwargs", isinstance(self.eval_env_kwargs, dict), "must be a mapping (a JSON object)"),
             ("samples_every", self.samples_every >= 0, "must be >= 0 (0 disables samples.jsonl)"),
             ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0 (0 keeps every checkpoint)"),
             ("torch_threads", self.torch_threads >= 0, "must be >= 0"),
@@ -286,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="?", const="auto", metavar="DIR|auto|latest", **kwargs)
         elif f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif f.name == "env_kwargs":
+        elif f.name in ("env_kwargs", "eval_env_kwargs"):
             parser.add_argument(flag, type=json_object_arg, metavar="JSON", **kwargs)
         else:
             parser.add_argument(flag, type=_FIELD_TYPES.get(str(f.type), str), **kwargs)

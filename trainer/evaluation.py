@@ -34,7 +34,7 @@ from rlvr.trainer.default_model import load_tokenizer
 from rlvr.trainer.engines import build_generator, choose_generator, model_source
 from rlvr.trainer.passk import majority_vote, pass_at_k, report_ks
 from rlvr.trainer.rollout import EnvMessageRenderer, Episode, TaskRef, collect_rollouts
-from rlvr.trainer.types import SamplingParams
+from rlvr.trainer.types import Generator, SamplingParams
 from transformers import AutoConfig
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,7 @@ def evaluate(
 
     ``generator_kind`` is the trainer's ``--generator`` (auto, transformers, vllm).
     """
-    from tqdm import tqdm
-
-    per_batch = max(1, min(8, EPISODES_PER_BATCH // num_samples))
-    envs = [make_env(env, **(env_kwargs or {})) for _ in range(per_batch * num_samples)]
+    envs = [make_env(env, **(env_kwargs or {})) for _ in range(envs_needed(num_samples))]
     available = getattr(envs[0].unwrapped, "num_tasks", None)
     if isinstance(available, int):
         limit = min(limit, available)
@@ -159,12 +156,41 @@ def evaluate(
     logger.info("generator: %s (%s)", choice.kind, choice.reason)
     tokenizer = load_tokenizer(model)
     generator = build_generator(choice, model, tokenizer, device, seed=seed)
-    renderer = EnvMessageRenderer(tokenizer, set(generator.eos_ids))
     max_context = int(getattr(AutoConfig.from_pretrained(model_source(model)), "max_position_embeddings", 2048))
+    return play_tasks(envs, generator, tokenizer, max_context, list(range(limit)), num_samples, params, seed,
+                      output=output, progress=progress)  # fmt: skip
+
+
+def envs_needed(num_samples: int) -> int:
+    """Return how many environments ``play_tasks`` plays at once for ``num_samples`` samples per task."""
+    return max(1, min(8, EPISODES_PER_BATCH // num_samples)) * num_samples
+
+
+def play_tasks(
+    envs: list[Any],
+    generator: Generator,
+    tokenizer: Any,
+    max_context: int,
+    indices: list[int],
+    num_samples: int,
+    params: SamplingParams,
+    seed: int,
+    output: IO[str] | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Play tasks ``indices`` (reset seed ``seed + index``) ``num_samples`` times each with ``generator``.
+
+    The trainer's ``--eval-every`` calls this with its own generator (current weights);
+    ``evaluate`` with one built from a model path. ``envs`` holds ``envs_needed(num_samples)``.
+    """
+    from tqdm import tqdm
+
+    per_batch = len(envs) // num_samples
+    renderer = EnvMessageRenderer(tokenizer, set(generator.eos_ids))
     result, start = EvalResult(), time.perf_counter()
-    with tqdm(total=limit, disable=not progress, desc="evaluate", unit="task", file=sys.stderr) as bar:
-        for first in range(0, limit, per_batch):
-            tasks = [TaskRef(index=i, seed=seed + i) for i in range(first, min(first + per_batch, limit))]
+    with tqdm(total=len(indices), disable=not progress, desc="evaluate", unit="task", file=sys.stderr) as bar:
+        for first in range(0, len(indices), per_batch):
+            tasks = [TaskRef(index=i, seed=seed + i) for i in indices[first : first + per_batch]]
             call = params if params.seed is None else dataclasses.replace(params, seed=params.seed + first)
             batch = collect_rollouts(envs[: len(tasks) * num_samples], generator, tokenizer, renderer, tasks,
                                      num_samples, call, max_context)  # fmt: skip
@@ -195,3 +221,50 @@ def _plain(value: Any) -> Any:
     except (TypeError, ValueError):
         return str(value)
     return value
+
+
+HELD_OUT_OFFSET = 10**9
+"""Procedural environments evaluate tasks from this index on; training takes 0, 1, 2, ... so they never meet."""
+
+
+@dataclass
+class TrainingEval:
+    """The ``--eval-every`` evaluation of a training run: greedy pass@1 on fixed held-out tasks."""
+
+    envs: list[Any]
+    indices: list[int]
+    params: SamplingParams
+    seed: int
+
+    def __call__(self, generator: Generator, tokenizer: Any, max_context: int) -> dict[str, float]:
+        """Play the tasks with the generator's current weights; return ``eval/...`` metrics for metrics.jsonl."""
+        summary = play_tasks(self.envs, generator, tokenizer, max_context, self.indices, 1, self.params, self.seed)
+        summary = summary.summary()
+        out = {f"eval/{k}": float(v) for k, v in summary.items() if k not in ("tasks", "num_samples", "seconds")}
+        out["time/eval"] = float(summary["seconds"])
+        return out
+
+
+def training_eval(config: Any) -> TrainingEval | None:
+    """Build the evaluation of ``config`` (a ``TrainConfig``), or None when ``eval_every`` is 0.
+
+    The environment is ``eval_env`` with ``eval_env_kwargs`` (default: the training env and
+    its kwargs). A procedural one plays tasks ``HELD_OUT_OFFSET ..``, disjoint from training;
+    a dataset plays its first ``eval_limit`` tasks, which are held out only when the kwargs
+    name a held-out split (``{"split": "test"}``): the run logs which.
+    """
+    if not config.eval_every:
+        return None
+    name = config.eval_env or config.env
+    kwargs = config.eval_env_kwargs or (config.env_kwargs if config.eval_env is None else {})
+    envs = [make_env(name, **kwargs) for _ in range(envs_needed(1))]
+    num_tasks = getattr(envs[0].unwrapped, "num_tasks", None)
+    if isinstance(num_tasks, int):
+        indices = list(range(min(config.eval_limit, num_tasks)))
+        logger.info("eval: %s %s, tasks 0..%d (held out only if these kwargs name a held-out split, "
+                    "e.g. --eval-env-kwargs '{\"split\": \"test\"}')", name, kwargs, len(indices) - 1)  # fmt: skip
+    else:
+        indices = list(range(HELD_OUT_OFFSET, HELD_OUT_OFFSET + config.eval_limit))
+        logger.info("eval: %s %s, procedural tasks %d.. (disjoint from training's)", name, kwargs, HELD_OUT_OFFSET)
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0, seed=config.seed)
+    return TrainingEval(envs=envs, indices=indices, params=params, seed=config.seed)

@@ -56,6 +56,7 @@ from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.distributed import init_distributed, scatter_batch
 from rlvr.trainer.engines import EngineError, build_generator, build_learner, choose_generator
+from rlvr.trainer.evaluation import TrainingEval, training_eval
 from rlvr.trainer.metrics import RunLog, Stopwatch, rollout_metrics, timing_metrics
 from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
 from rlvr.trainer.types import Generator, Learner, SamplingParams
@@ -131,6 +132,8 @@ def train(config: TrainConfig) -> TrainResult:
             if writer is not None and rollouts is not None:
                 record = step_record(step, rollouts, learned, watch.seconds["learning"], time.perf_counter() - t0)
                 record["time/weight_sync"] = watch.seconds["weight_sync"]
+                if run.evaluate is not None and step % config.eval_every == 0:
+                    record |= run.evaluate(run.generator, run.tokenizer, run.max_context)  # eval/pass@1, ...
                 writer.write(record, rollouts)  # metrics.jsonl, and samples.jsonl every samples_every steps
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
@@ -206,6 +209,7 @@ class _Run:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     pad_id: int = 0
     max_context: int = 0
+    evaluate: TrainingEval | None = None
 
 
 def _setup(config: TrainConfig) -> _Run:
@@ -243,6 +247,7 @@ def _setup(config: TrainConfig) -> _Run:
         sampling=sampling_params(config),
         pad_id=tokenizer.pad_token_id,
         max_context=max_context(model.config),
+        evaluate=training_eval(config),
     )
 
 
