@@ -141,7 +141,9 @@ def test_evaluate_with_vllm_prints_its_table():
                 "--generator", "vllm", "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generator: vllm (requested)" in proc.stderr
-    assert "env arithmetic: 8 tasks x 1 samples, mean reward" in proc.stdout
+    assert "env arithmetic, model default: 8 tasks x 1 samples" in proc.stdout
+    rows = dict(line.split()[:2] for line in proc.stdout.splitlines() if line.startswith(("pass@1 ", "tasks ")))
+    assert rows["tasks"] == "8" and 0.0 <= float(rows["pass@1"]) <= 1.0, proc.stdout
 
 
 # --- two learner ranks under a launcher ------------------------------------------------------
