@@ -20,7 +20,11 @@ torch.compile on CPU costs minutes of start-up on a 2-core machine.
 The 1-minute load average is sampled every second during each generator's timed calls
 (``bench_async._LoadSampler``); timings on a loaded machine mean little.
 
-Measured on the 2-vCPU development VM with the defaults, NOT idle (other developers'
+Measured on the 2-vCPU development VM with the defaults, idle (load 0.2-0.5): transformers
+0.602 s/call, 106 completions/s, 6805 tok/s; vLLM 0.784 s/call, 82 completions/s, 5223 tok/s
+(0.77x). On a 0.92M-parameter model the work per token is tiny and vLLM's per-step
+scheduling overhead dominates; its advantage is expected on real model sizes and on GPUs
+(not measured here). Earlier, NOT idle (other developers'
 test runs kept the 1-minute load at 3.4-3.8 on 2 cores), two runs minutes apart:
 transformers 732 tok/s, vLLM 288 (0.39x) in the first; transformers 173, vLLM 542
 (3.13x) in the second. Under that load the numbers say nothing about either engine
