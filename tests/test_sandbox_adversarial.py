@@ -24,7 +24,6 @@ import pytest
 from rlvr.verifiers.code import run_tests
 from rlvr.verifiers.sandbox import (
     ISOLATION_LEVELS,
-    SandboxError,
     SandboxLimits,
     run_in_sandbox,
 )
@@ -87,23 +86,6 @@ ATTACKS = [
     ("atexit-prints-passed", "import atexit\natexit.register(print, 'passed')", None),
     ("shadow-assertionerror", "import builtins\nbuiltins.AssertionError = KeyError", None),
 ]
-
-
-def _available(level: str) -> str | None:
-    """Return None if ``level`` works here, else the reason it does not."""
-    try:
-        run_in_sandbox("", ["assert True"], mode="asserts", isolation=level)
-    except SandboxError as exc:
-        return str(exc).splitlines()[0]
-    return None
-
-
-@pytest.fixture(scope="module", params=ISOLATION_LEVELS)
-def level(request):
-    reason = _available(request.param)
-    if reason is not None:
-        pytest.skip(f"{request.param} unavailable: {reason}")
-    return request.param
 
 
 def _marked_processes(marker: str) -> list[tuple[int, str]]:
@@ -268,10 +250,8 @@ def test_process_limit_is_enforced(level, marker):
     assert int(run.of_kind("io")[0]["stdout"]) < 16
 
 
-def test_process_limit_is_per_sandbox_with_namespaces(marker):
+def test_process_limit_is_per_sandbox_with_namespaces(marker, namespaces_level):
     """Each sandbox has its own user namespace, so concurrent ones do not share the count."""
-    if _available("namespaces") is not None:
-        pytest.skip("namespaces level unavailable here")
     program = PRELUDE.format(marker=marker) + textwrap.dedent("""\
         started = 0
         for _ in range(12):

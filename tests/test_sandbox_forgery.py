@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from rlvr.verifiers import sandbox_wire as wire
 from rlvr.verifiers.code import run_tests
-from rlvr.verifiers.sandbox import ISOLATION_LEVELS, SandboxError, run_in_sandbox
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
 
@@ -213,22 +212,6 @@ ATTACKS = [
     # It also writes junk on its own channel, which ends it before the tests ("crashed").
     ("frame-walker-forges-records", FRAME_WALKER, ADD_TESTS, ("AssertionError", "broke the channel protocol")),
 ]
-
-
-def _available(level: str) -> str | None:
-    try:
-        run_in_sandbox("", ["assert True"], mode="asserts", isolation=level)
-    except SandboxError as exc:
-        return str(exc).splitlines()[0]
-    return None
-
-
-@pytest.fixture(scope="module", params=ISOLATION_LEVELS)
-def level(request):
-    reason = _available(request.param)
-    if reason is not None:
-        pytest.skip(f"{request.param} unavailable: {reason}")
-    return request.param
 
 
 def _marked(marker: str) -> list[int]:
