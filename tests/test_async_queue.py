@@ -240,3 +240,24 @@ def test_transport_crosses_a_spawned_process():
     child.join(timeout=10)
     assert child.exitcode == 0
     assert (version, value) == (3, 3.0)
+
+
+def test_transport_ring_holds_the_last_slots_versions_and_reads_the_oldest_admissible():
+    """The fixed lag: a reader naming version v gets v itself while it is held, else the oldest newer one."""
+    transport = SharedMemoryTransport(_weights(0.0), threading.Lock(), slots=3)
+    for version in (0, 1, 2):
+        transport.publish(_weights(float(version)), version=version)
+    receiver = _Receiver()
+    assert transport.receive(receiver, oldest=1) == 1 and float(receiver.weights["a"][0]) == 1.0
+    assert transport.receive(receiver, oldest=0) == 0 and float(receiver.weights["c"][1]) == 0.0
+    assert transport.receive(receiver) == 2  # no bound: the newest, as before
+    transport.publish(_weights(3.0), version=3)  # overwrites version 0's slot
+    assert transport.held_versions() == [1, 2, 3]
+    assert transport.receive(receiver, oldest=0) == 1
+    snapshot = transport.snapshot(2)
+    transport.publish(_weights(4.0), version=4)  # the snapshot is a copy, not a view of the slot
+    assert all(bool((t == 2.0).all()) for t in snapshot.values())
+    with pytest.raises(TransportError, match="version 1 is not held"):
+        transport.snapshot(1)
+    with pytest.raises(ValueError, match="slots must be >= 2"):
+        SharedMemoryTransport(_weights(0.0), threading.Lock(), slots=1)

@@ -9,12 +9,15 @@ seeds, same advantages and packing), split over two processes:
     learner process (here)                          generator process (generator_worker.py)
     step s: take batch s from the buffer            for s' = s+1 .. s+1+eta, ahead of the learner:
             advantages, pack, optimizer step          wait for weights of version >= s'-1-eta
-            publish weights, version s  ──────────>   take the newest, play the groups, send batch s'
+            publish weights, version s  ──────────>   take version s'-1-eta, play the groups, send batch s'
 
 so while the learner does step ``s`` the generator samples the batches of the steps after
-it, with weights at most ``eta = max_staleness`` steps old when they are learned
-(``rollout_queue.py`` states and checks the bound; ``weight_transport.py`` moves the
-weights). Each process gets ``torch_threads // 2`` threads (at least 1): on two cores,
+it, with weights ``eta = max_staleness`` steps old when they are learned (``rollout_queue.py``
+states and checks the bound; ``weight_transport.py`` moves the weights). The lag is fixed,
+not "at most": which version samples which step does not depend on timing, so a run is
+reproducible, a restarted generator or a resumed run (its checkpoint carries the lagging
+versions) samples exactly what the uninterrupted run did, and ``--eval-every`` evaluates
+the learner's weights in this process without disturbing the schedule. Each process gets ``torch_threads // 2`` threads (at least 1): on two cores,
 one core per role.
 
 The objective (``losses.py``) is by default AReaL's decoupled one (Fu et al. 2025). With
@@ -78,12 +81,14 @@ import torch
 from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
 from rlvr.trainer.batch import pack_episodes
-from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
+from rlvr.trainer.evaluation import TrainingEval, training_eval
+from rlvr.trainer.generation import TransformersGenerator
 from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
-from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
+from rlvr.trainer.grpo import TrainResult, learner_ranks, max_context, resolve_device, seed_everything, step_record
 from rlvr.trainer.losses import LossFn
 from rlvr.trainer.metrics import RunLog, Stopwatch
 from rlvr.trainer.rollout import RolloutBatch
@@ -103,7 +108,10 @@ def train_async(config: TrainConfig) -> TrainResult:
     learner, tokenizer = _setup_learner(config)
     write_config(config)  # one learner rank (checked in _setup_learner)
     losses = _losses(config)
-    start = load_checkpoint(resume_from, learner).step if resume_from is not None else 0
+    evaluate = _LearnerEval.build(config, learner, tokenizer)
+    start, lagged = 0, {}
+    if resume_from is not None:
+        start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
     record: dict[str, Any] = {}
     checkpoint, done = None, start
     bar = tqdm(total=config.max_steps, initial=start, desc="grpo-async", disable=not config.progress, file=sys.stderr)
@@ -111,18 +119,25 @@ def train_async(config: TrainConfig) -> TrainResult:
     writer = RunLog(config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer)
     pipeline: _Pipeline | None = None
     try:
-        pipeline = _Pipeline(config, learner, start)
+        pipeline = _Pipeline(config, learner, start, lagged)
         for step in range(start + 1, config.max_steps + 1):
             record, rollouts = _train_step(config, step, pipeline, learner, losses, tokenizer.pad_token_id)
             done = step
+            if evaluate is not None and step % config.eval_every == 0:
+                record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generator runs on
             writer.write(record, rollouts)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
             if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config)
+                checkpoint = save_checkpoint(
+                    config.output_dir, step, learner, tokenizer, config, lagged=pipeline.lagged(learner.version)
+                )
     except GeneratorError:
         if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
-            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config)
+            assert pipeline is not None
+            path = save_checkpoint(
+                config.output_dir, done, learner, tokenizer, config, lagged=pipeline.lagged(learner.version)
+            )
             logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
         raise
     finally:
@@ -170,6 +185,40 @@ def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
     return learner, tokenizer
 
 
+@dataclass
+class _LearnerEval:
+    """``--eval-every`` in the learner process: greedy pass@1 of the learner's current weights.
+
+    The learner evaluates, not the generator process: there the weights run ``eta`` steps
+    behind and the schedule of batches is fixed. It samples with rlvr's transformers loop
+    on the learner's own model (torch learner: no copy) or on a copy that receives the
+    learner's weights before each evaluation (DeepSpeed: the module may be partitioned).
+    Greedy decoding draws no random numbers, so training is unchanged by evaluating.
+    """
+
+    evaluate: TrainingEval
+    generator: TransformersGenerator
+    tokenizer: Any
+    max_context: int
+    copy: bool
+
+    @classmethod
+    def build(cls, config: TrainConfig, learner: Learner, tokenizer: Any) -> _LearnerEval | None:
+        evaluate = training_eval(config)
+        if evaluate is None:
+            return None
+        own = getattr(learner, "model", None) if config.learner == "torch" else None
+        model = own if own is not None else load_model(config.model)[0]
+        device = next(learner.model.parameters()).device if own is not None else resolve_device(config.device)
+        generator = TransformersGenerator(model.to(device), tokenizer, device=device, seed=config.seed)
+        return cls(evaluate, generator, tokenizer, max_context(model.config), copy=own is None)
+
+    def __call__(self, learner: Learner) -> dict[str, float]:
+        if self.copy:
+            self.generator.update_weights(learner.weights_for_generation(), learner.version)
+        return self.evaluate(self.generator, self.tokenizer, self.max_context)
+
+
 def _losses(config: TrainConfig) -> _Losses:
     return _Losses(
         stale=build_loss_fn(config, config.objective or "decoupled"),
@@ -214,20 +263,43 @@ def _train_step(
 
 
 class _Pipeline:
-    """The learner's handle on the generator side: transport, process, buffer, restarts."""
+    """The learner's handle on the generator side: transport, process, buffer, restarts.
 
-    def __init__(self, config: TrainConfig, learner: Learner, start: int):
+    The transport holds the last ``eta + 1`` weight versions: the generator samples step
+    ``s`` with version ``s - 1 - eta`` (a fixed lag, ``generator_worker`` invariant 2)
+    while the learner may already be at ``s - 1``. A fresh generator (the first, a
+    restarted one, a resumed run's) finds the lagging versions it needs published before
+    the current one: from the checkpoint, or from the transport of the generator it replaces.
+    """
+
+    def __init__(self, config: TrainConfig, learner: Learner, start: int, lagged: dict[int, Any]):
         self.config = config
+        self.eta = config.max_staleness or 0
         self.ctx = torch.multiprocessing.get_context("spawn")
-        self.buffer: RolloutBuffer[RolloutMessage] = RolloutBuffer(Admission(config.max_staleness or 0), start + 1)
+        self.buffer: RolloutBuffer[RolloutMessage] = RolloutBuffer(Admission(self.eta), start + 1)
         self.restarts = 0
         self.process: GeneratorProcess | None = None
-        self._start(learner, after_step=start)
+        self._start(learner, after_step=start, lagged=lagged)
 
-    def _start(self, learner: Learner, after_step: int) -> None:
+    def lagged(self, version: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Return copies of the held versions ``version - eta .. version - 1``: what the next batches sample with."""
+        held = self.transport.held_versions()
+        return {v: self.transport.snapshot(v) for v in held if version - self.eta <= v < version}
+
+    def _start(self, learner: Learner, after_step: int, lagged: dict[int, Any]) -> None:
         # A fresh transport per process: a dead child may have left the old one's lock held.
         weights = learner.weights_for_generation()
-        self.transport = SharedMemoryTransport(weights, self.ctx.Lock())
+        self.transport = SharedMemoryTransport(weights, self.ctx.Lock(), slots=self.eta + 1 if self.eta else 2)
+        older = sorted(v for v in lagged if v < learner.version)
+        need = max(0, after_step - self.eta)  # the version the next batch (after_step + 1) is sampled with
+        if need < learner.version and need not in older:
+            logger.warning(
+                "no weights older than version %d to resume with (a checkpoint without lagged_weights/): "
+                "the next %d batch(es) are sampled with version %d, fresher than an uninterrupted run's",
+                learner.version, self.eta, learner.version,
+            )  # fmt: skip
+        for version in older:
+            self.transport.publish(lagged[version], version)
         self.transport.publish(weights, learner.version)
         spec = GeneratorSpec(
             config=self.config, start_step=after_step, threads=role_threads(self.config), parent_pid=os.getpid()
@@ -249,7 +321,7 @@ class _Pipeline:
                     e, self.buffer.last_put_step, self.restarts, self.config.generator_restarts,
                 )  # fmt: skip
                 self.process.stop()
-                self._start(learner, after_step=self.buffer.last_put_step)
+                self._start(learner, after_step=self.buffer.last_put_step, lagged=self.lagged(learner.version))
                 continue
             self.buffer.put(RolloutItem(message.step, message.version, message))
         return self.buffer.take(step, learner.version)

@@ -7,7 +7,11 @@
 - ``learner_state.pt``: optimizer and LR-scheduler state and the policy version;
 - ``trainer_state.json``: the number of completed steps;
 - ``rng_state.pt``: Python, NumPy and torch RNG states;
-- ``config.yaml``: the run's ``TrainConfig``, for the record.
+- ``config.yaml``: the run's ``TrainConfig``, for the record;
+- ``lagged_weights/version_N.safetensors`` (asynchronous runs, ``--max-staleness eta >= 1``):
+  the weights of versions ``step - eta .. step - 1``, which sample the next ``eta`` batches
+  (the generator runs at a fixed lag, ``generator_worker.py`` invariant 2), so a resumed run
+  samples exactly what the uninterrupted one did.
 
 - ``manifest.json``, written last: the relative path, size and sha256 of every other file
   (DeepSpeed's ``deepspeed/`` subfolder included).
@@ -34,6 +38,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +48,15 @@ import torch
 from rlvr.trainer.config import TrainConfig, config_yaml
 from rlvr.trainer.distributed import barrier, is_main
 from rlvr.trainer.types import Learner
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+LAGGED = "lagged_weights"
+_LAGGED_FILE = re.compile(r"^version_(\d+)\.safetensors$")
 
 
 class CheckpointError(ValueError):
@@ -67,12 +75,20 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step_{step:06d}"
 
 
-def save_checkpoint(output_dir: str | Path, step: int, learner: Learner, tokenizer: Any, config: TrainConfig) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    learner: Learner,
+    tokenizer: Any,
+    config: TrainConfig,
+    lagged: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write the checkpoint of ``step`` completed steps; return its folder.
 
     Collective with several learner ranks (every rank calls it): each writes its part
     through ``learner.save`` (DeepSpeed's sharded optimizer state) into the same folder,
-    and rank 0 alone writes the rest and renames the folder once all are done.
+    and rank 0 alone writes the rest and renames the folder once all are done. ``lagged``
+    (asynchronous runs): older weight versions the coming batches are sampled with, by version.
     """
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -87,6 +103,10 @@ def save_checkpoint(output_dir: str | Path, step: int, learner: Learner, tokeniz
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / "config.yaml").write_text(config_yaml(config))
+        for version, weights in (lagged or {}).items():
+            (tmp / LAGGED).mkdir(exist_ok=True)
+            tensors = {k: v.contiguous() for k, v in weights.items()}
+            save_file(tensors, tmp / LAGGED / f"version_{version:06d}.safetensors")
         write_manifest(tmp)  # last: every rank's files are in place (barrier above)
         if final.exists():
             shutil.rmtree(final)
@@ -200,6 +220,13 @@ def load_checkpoint(path: str | Path, learner: Learner) -> TrainerState:
     _set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
     state = json.loads((path / "trainer_state.json").read_text())
     return TrainerState(step=int(state["step"]))
+
+
+def load_lagged_weights(path: str | Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Return the lagged weight versions a checkpoint carries, by version (empty for a synchronous run's)."""
+    folder = Path(path) / LAGGED
+    found = [(m, f) for f in sorted(folder.glob("version_*.safetensors")) if (m := _LAGGED_FILE.match(f.name))]
+    return {int(m.group(1)): load_file(f) for m, f in found}
 
 
 def _rng_state() -> dict[str, Any]:

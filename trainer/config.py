@@ -122,9 +122,10 @@ class TrainConfig:
     # --- the asynchronous pipeline (async_trainer.py) and its objective
     max_staleness: int | None = None
     """Run generation and learning at the same time, in two processes, sampling each batch with
-    weights at most this many learner steps older than the ones it is learned with (eta);
-    absent: the synchronous loop; 0 reproduces it exactly. The two processes share
-    torch_threads (torch_threads // 2 each, at least 1)."""
+    weights exactly this many learner steps older than the ones it is learned with (eta; fewer
+    in the first eta steps), so runs are reproducible and resume exactly; absent: the
+    synchronous loop; 0 reproduces it exactly. The two processes share torch_threads
+    (torch_threads // 2 each, at least 1)."""
     objective: str | None = field(default=None, metadata={"choices": tuple(OBJECTIVES)})
     """'grpo' (ratio to pi_prox), 'decoupled' (AReaL: ratio to pi_prox, weighted by the capped
     pi_prox/mu) or 'plain' (ratio to the sampling policy mu); absent: 'grpo' for the
@@ -139,7 +140,7 @@ class TrainConfig:
     """Times the pipeline restarts a generator process that died without reporting an error
     (killed, out of memory); an error raised inside the generator always stops the run."""
 
-    # --- evaluation during training (evaluation.py; the synchronous loop)
+    # --- evaluation during training (evaluation.py; in the learner process of either loop)
     eval_every: int = 0
     """Every N steps evaluate the current weights greedily (pass@1, reward, components, length) and
     log them as eval/... in metrics.jsonl; 0 disables."""
@@ -187,11 +188,6 @@ class TrainConfig:
             ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("eval_every", self.eval_every >= 0, "must be >= 0 (0 disables evaluation during training)"),
-            (
-                "eval_every",
-                not self.eval_every or self.max_staleness is None,
-                "needs the synchronous loop (no --max-staleness)",
-            ),
             ("eval_limit", self.eval_limit >= 1, "must be >= 1"),
             ("eval_env_kwargs", isinstance(self.eval_env_kwargs, dict), "must be a mapping (a JSON object)"),
             ("samples_every", self.samples_every >= 0, "must be >= 0 (0 disables samples.jsonl)"),

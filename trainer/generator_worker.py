@@ -12,9 +12,15 @@ Invariants:
 1. **Each step once, in order.** A generator started after step ``start`` produces the
    batches of steps ``start + 1 .. max_steps`` in order, each exactly once, each sampled
    wholly with one weight version (weights change only between batches).
-2. **Admission.** Before the batch of step ``s`` it holds weights of version
-   ``>= Admission.min_version(s)`` and waits for them otherwise (``rollout_queue.py``,
-   invariant 1); when newer weights are out it takes the newest.
+2. **Admission, at a fixed lag.** Before the batch of step ``s`` it holds weights of
+   version ``>= Admission.min_version(s) = s - 1 - eta`` and waits for them otherwise
+   (``rollout_queue.py``, invariant 1); it moves to the *oldest* admissible version the
+   transport holds, which is exactly ``s - 1 - eta`` whenever that was published. So which
+   weights sample which step is a function of the step alone, not of timing: a run is
+   reproducible, and a resumed run (whose checkpoint carries the lagging versions) samples
+   what the uninterrupted one did. Taking the newest instead would lower staleness only
+   when the generator is the slower side and eta >= 2 (at eta = 1 the newest admissible
+   version *is* ``s - 2``: the learner cannot pass version ``s - 1`` before batch ``s``).
 3. **Bounded waits.** Every wait, on either side, polls with a timeout of a fraction of a
    second and checks the other side: the child checks the stop event and that its parent
    is alive (and asks the kernel for SIGTERM when the parent dies: ``PR_SET_PDEATHSIG``);
@@ -169,15 +175,15 @@ class _Worker:
         self.max_context = max_context(AutoConfig.from_pretrained(model_source(config.model)))
 
     def produce(self, step: int, should_stop: Any) -> RolloutMessage | None:
-        """Wait for admissible weights, take the newest, play step ``step``; None if told to stop."""
+        """Wait for admissible weights, move to the oldest admissible, play step ``step``; None if told to stop."""
         t0 = time.perf_counter()
         need = self.admission.min_version(step)
         while not self.transport.wait_for_version(need, timeout=_POLL):
             if should_stop():
                 return None
         t1 = time.perf_counter()
-        if self.transport.latest_version() > self.generator.version:
-            self.transport.receive(self.generator)
+        if self.generator.version < need:  # invariant 2: the fixed lag, version `need` itself when published
+            self.transport.receive(self.generator, oldest=need)
         t2 = time.perf_counter()
         config, group = self.config, self.config.group_size
         tasks = [self.schedule(step, p) for p in range(config.prompts_per_step)]
