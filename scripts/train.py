@@ -7,13 +7,15 @@
     python scripts/train.py --env gsm8k --output-dir runs/arith --resume   # continue the latest checkpoint
     python scripts/train.py --env gsm8k --max-staleness 2    # generation overlapped with learning
     python scripts/train.py --env gsm8k --generator vllm --learner deepspeed --zero-stage 2
+    python scripts/train.py --env arithmetic --cluster ray --num-generators 2 --max-staleness 1   # Ray actors
     deepspeed --num_gpus 2 scripts/train.py --env gsm8k --learner deepspeed --zero-stage 3   # 2 learner ranks
 
 Every flag is a field of ``rlvr.trainer.config.TrainConfig`` (``--help`` lists them with
 their docstrings). Writes ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per step) and
 ``OUTPUT_DIR/checkpoints/step_N/``. The loop itself is ``rlvr.trainer.grpo.train``, or with
 ``--max-staleness N`` the two-process pipeline ``rlvr.trainer.async_trainer.train_async``
-(``--objective decoupled|plain|grpo``, ``--is-cap``, ``--is-level``, ``--is-mode``).
+(``--objective decoupled|plain|grpo``, ``--is-cap``, ``--is-level``, ``--is-mode``), or with
+``--cluster ray`` the same pipeline with Ray actors as generators, ``rlvr.trainer.ray_trainer.train_ray``.
 Ctrl-C stops the run (and the generator process) within seconds, with exit status 130.
 """
 
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
     log_to_stderr()
     # Imported after parsing, so --help and flag errors are instant.
-    if config.max_staleness is None:
+    if config.cluster == "ray":  # the only path that imports Ray (pip install 'rlvr[ray]')
+        from rlvr.trainer.ray_trainer import train_ray as train
+    elif config.max_staleness is None:
         from rlvr.trainer.grpo import train
     else:
         from rlvr.trainer.async_trainer import train_async as train

@@ -32,6 +32,7 @@ from rlvr.trainer.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS
 
 GENERATORS = ("auto", "transformers", "vllm")
 LEARNERS = ("torch", "deepspeed")
+CLUSTERS = ("ray",)
 
 
 class ConfigError(ValueError):
@@ -140,6 +141,18 @@ class TrainConfig:
     """Times the pipeline restarts a generator process that died without reporting an error
     (killed, out of memory); an error raised inside the generator always stops the run."""
 
+    # --- a Ray cluster (ray_trainer.py): several generators, on several machines
+    cluster: str | None = field(default=None, metadata={"choices": CLUSTERS})
+    """'ray': the asynchronous pipeline with its generators as Ray actors, on a Ray cluster or a
+    local Ray (`pip install 'rlvr[ray]'`); --max-staleness applies as for one machine (absent: 0);
+    absent: no Ray, one machine."""
+    ray_address: str | None = None
+    """With --cluster ray: the cluster to join ('auto' for the one `ray start` began on this node,
+    or 'HOST:6379'); absent: start a local Ray for the run and shut it down at the end."""
+    num_generators: int = 1
+    """With --cluster ray: generator actors, each with its own engine and environments; the groups
+    of every step are split between them (at most prompts_per_step)."""
+
     # --- evaluation during training (evaluation.py; in the learner process of either loop)
     eval_every: int = 0
     """Every N steps evaluate the current weights greedily (pass@1, reward, components, length) and
@@ -200,6 +213,16 @@ class TrainConfig:
             ("is_level", self.is_level in IMPORTANCE_LEVELS, f"must be one of {sorted(IMPORTANCE_LEVELS)}"),
             ("is_mode", self.is_mode in IMPORTANCE_CAPS, f"must be one of {sorted(IMPORTANCE_CAPS)}"),
             ("generator_restarts", self.generator_restarts >= 0, "must be >= 0"),
+            ("cluster", self.cluster in (None, *CLUSTERS), f"must be one of {list(CLUSTERS)}"),
+            ("ray_address", self.ray_address is None or self.cluster == "ray", "needs --cluster ray"),
+            ("num_generators", self.num_generators >= 1, "must be >= 1"),
+            ("num_generators", self.num_generators == 1 or self.cluster == "ray", "needs --cluster ray"),
+            (
+                "num_generators",
+                self.num_generators <= self.prompts_per_step,
+                f"must be <= prompts_per_step ({self.prompts_per_step}): each generator plays whole groups",
+            ),
+            ("eval_every", not self.eval_every or self.cluster is None, "is not supported with --cluster ray yet"),
             ("generator", self.generator in GENERATORS, f"must be one of {list(GENERATORS)}"),
             ("learner", self.learner in LEARNERS, f"must be one of {list(LEARNERS)}"),
             ("zero_stage", 0 <= self.zero_stage <= 3, "must be 0, 1, 2 or 3"),

@@ -1,0 +1,321 @@
+"""The Ray pipeline end to end: eta = 0 is the synchronous loop, shards, killed actors, no process left.
+
+Real Ray throughout: a local Ray started once for the in-process tests (2 logical CPUs, a
+200 MB object store, no dashboard) and shut down after them; ``scripts/train.py`` in
+subprocesses starts and stops its own. Actors are killed with ``ray.kill``, as an operator
+or a failing node would. Most runs use a tiny random Qwen2 with a dense reward
+(completion length) so that every step has a gradient in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.grpo import train
+from rlvr.trainer.metrics import read_metrics
+from safetensors.torch import load_file
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rlvr[ray]')")
+
+from rlvr.trainer import ray_cluster  # noqa: E402 - after the skip: it needs Ray
+from rlvr.trainer.ray_actors import RayGeneratorError, shard_groups, shard_seed  # noqa: E402
+from rlvr.trainer.ray_trainer import train_ray  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ENV_SOURCE = '''
+from rlvr.envs.arithmetic import ArithmeticEnv
+from rlvr.verifiers.types import Verdict
+
+
+class LengthEnv(ArithmeticEnv):
+    """Arithmetic prompts, reward = completion length / 40: dense, so a random model has gradients."""
+
+    def verify(self, completion, task):
+        return Verdict(score=min(1.0, len(completion) / 40), reason="length")
+
+
+class FailingEnv(LengthEnv):
+    """Raises inside a generator actor on its third episode."""
+
+    def verify(self, completion, task):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls >= 3:
+            raise RuntimeError("verifier exploded on purpose")
+        return super().verify(completion, task)
+'''
+
+REWARD_KEYS = ("reward_mean", "reward_std", "zero_spread_fraction", "completion_length_mean", "loss", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """A tiny random model folder and the env file above."""
+    root = tmp_path_factory.mktemp("ray_assets")
+    tokenizer = build_tokenizer()
+    build_tiny_model(tokenizer, seed=0, **TEST_SIZE.__dict__).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "envs.py").write_text(ENV_SOURCE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray for the in-process tests; train_ray uses it and leaves it running."""
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _config(assets: Path, out: Path, **overrides) -> TrainConfig:
+    values = {
+        "env": f"{assets / 'envs.py'}:LengthEnv",
+        "model": str(assets / "tiny"),
+        "output_dir": str(out),
+        "max_steps": 3,
+        "group_size": 4,
+        "prompts_per_step": 2,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "torch_threads": 1,
+        "progress": False,
+        "cluster": "ray",
+        "max_staleness": 0,
+    }
+    return TrainConfig(**(values | overrides))
+
+
+def _named_actors() -> list[str]:
+    return list(ray.util.list_named_actors())
+
+
+def test_shards_cover_every_group_once_and_group_0_keeps_the_sync_seed():
+    assert shard_groups(5, 2) == [range(0, 3), range(3, 5)]
+    assert [g for s in shard_groups(16, 3) for g in s] == list(range(16))
+    with pytest.raises(ValueError, match="cannot split 2 groups over 3 generators"):
+        shard_groups(2, 3)
+    assert shard_seed(7, 3, 0) == 7 * 1_000_003 + 3  # grpo.step_seed: one shard samples as the sync loop
+    assert shard_seed(7, 3, 2) != shard_seed(7, 3, 0)
+
+
+def test_staleness_zero_one_generator_reproduces_the_synchronous_loop(local_ray, assets, tmp_path):
+    sync_config = _config(assets, tmp_path / "sync", cluster=None, max_staleness=None)
+    sync = train(sync_config)
+    fresh = train_ray(_config(assets, tmp_path / "ray"))
+    sync_records, ray_records = read_metrics(sync.metrics_path), read_metrics(fresh.metrics_path)
+    assert [r["step"] for r in ray_records] == [1, 2, 3]
+    for s, a in zip(sync_records, ray_records):
+        assert {k: a[k] for k in REWARD_KEYS} == {k: s[k] for k in REWARD_KEYS}, s["step"]
+        assert a["staleness_max"] == 0.0 and a["ray/num_generators"] == 1.0
+    assert any(r["grad_norm"] > 0 for r in sync_records)  # the runs did learn something
+    want, got = load_file(sync.checkpoint / "model.safetensors"), load_file(fresh.checkpoint / "model.safetensors")
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())  # bitwise
+    assert _named_actors() == []  # the run's actors are gone, the caller's Ray is not
+    assert ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def two_generators(local_ray, assets, tmp_path_factory) -> list[dict]:
+    """An uninterrupted run: 2 generators, eta = 1, 6 steps of 4 groups; the kill tests compare with it."""
+    out = tmp_path_factory.mktemp("ray_reference")
+    result = train_ray(_config(assets, out, max_steps=6, prompts_per_step=4, num_generators=2, max_staleness=1))
+    return read_metrics(result.metrics_path)
+
+
+def test_two_generators_share_each_step_at_a_fixed_lag(two_generators):
+    records = two_generators
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(r["ray/num_generators"] == 2.0 for r in records)
+    # Step s is sampled by version max(0, s - 2), whatever the timing: staleness exactly 1 from step 2 on.
+    assert [r["policy_version"] for r in records] == [0.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    assert records[0]["staleness_max"] == 0.0
+    assert all(r["staleness_mean"] == 1.0 and r["staleness_hist_1"] == 1.0 for r in records[1:])
+    assert all("is_weight_mean" in r and r["time/weight_publish"] > 0 for r in records)
+
+
+def _kill_after(metrics: Path, lines: int, name: str) -> threading.Thread:
+    """In the background: once ``metrics`` has ``lines`` lines, ``ray.kill`` the actor called ``name``."""
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+                ray.kill(ray.get_actor(name))
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_generator_is_replaced_and_its_groups_regenerated(two_generators, assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=6, prompts_per_step=4, num_generators=2, max_staleness=1,
+                     generator_restarts=1)  # fmt: skip
+    watcher = _kill_after(tmp_path / "metrics.jsonl", 2, "rlvr-generator-1")
+    result = train_ray(config)
+    watcher.join()
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["async/generator_restarts"] == 1.0  # the kill happened, and was survived
+    # The replacement played the same shards with the same weights and seeds: nothing differs.
+    for want, got in zip(two_generators, records):
+        assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
+    assert _named_actors() == []
+
+
+def test_a_killed_generator_without_restarts_stops_the_run_naming_it(local_ray, assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=500, prompts_per_step=4, num_generators=2, max_staleness=1)
+    watcher = _kill_after(tmp_path / "metrics.jsonl", 2, "rlvr-generator-1")
+    start = time.monotonic()
+    with pytest.raises(RayGeneratorError, match=r"generator actor rlvr-generator-1 \(pid \d+ on .*node .*\) died") as e:
+        train_ray(config)
+    watcher.join()
+    assert "ray.kill" in str(e.value)  # Ray's cause, as Ray words it
+    assert e.value.place is not None and e.value.place.name == "rlvr-generator-1"
+    assert time.monotonic() - start < 120  # an error, not a hang
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]["step"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_{last:06d}"]
+    assert _named_actors() == []
+
+
+def test_an_env_error_in_an_actor_surfaces_with_its_traceback(local_ray, assets, tmp_path):
+    config = _config(assets, tmp_path, env=f"{assets / 'envs.py'}:FailingEnv", max_steps=10, generator_restarts=3)
+    with pytest.raises(RayGeneratorError, match="RuntimeError: verifier exploded on purpose") as e:
+        train_ray(config)
+    assert e.value.reported and "in verify" in e.value.remote_traceback  # raised, so never restarted
+    assert _named_actors() == []
+
+
+def test_a_cluster_too_small_for_the_generators_is_an_error_not_a_wait(local_ray, assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_cluster, "PLACEMENT_TIMEOUT", 3.0)
+    config = _config(assets, tmp_path, prompts_per_step=3, num_generators=3)
+    with pytest.raises(ray_cluster.EngineError, match=r"cannot place the generator actors \(3 x \{'CPU': 1.0\}\)"):
+        train_ray(config)
+    assert _named_actors() == []
+
+
+# --- scripts/train.py: the flags, and what a run leaves behind ------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    """Pids of every live process under ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        kids = children.get(frontier.pop(), [])
+        found += kids
+        frontier += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _train_args(assets: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "--env", f"{assets / 'envs.py'}:LengthEnv",
+        "--model", str(assets / "tiny"), "--cluster", "ray", "--group-size", "4", "--prompts-per-step", "2",
+        "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_sigint_stops_train_py_and_every_ray_process_within_seconds(assets, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(assets, out, "--num-generators", "2", "--max-staleness", "1", "--max-steps", "100000")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no step finished in 180 s"
+            time.sleep(0.1)
+        children = _descendants(proc.pid)
+        assert len(children) >= 4  # Ray's own processes and the two actors
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and took < 30
+    deadline = time.monotonic() + 10
+    while [p for p in children if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in children if _alive(p)] == []
+
+
+def test_train_py_without_the_flag_never_imports_ray(tmp_path):
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['train.py', '--env', 'arithmetic', '--max-steps', '1', '--group-size', '2',"
+        f" '--prompts-per-step', '2', '--max-new-tokens', '4', '--no-progress', '--output-dir', {str(tmp_path)!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "import rlvr.trainer.async_trainer, rlvr.trainer.grpo, rlvr.trainer.config\n"
+        "print('ray imported:', 'ray' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ray imported: False" in proc.stdout
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["step"] == 1  # it did train
+
+
+def test_cluster_ray_without_ray_installed_says_what_to_install(assets, tmp_path):
+    # sys.modules['ray'] = None is how Python spells "not importable": find_spec and import both fail.
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['ray'] = None\n"
+        f"sys.argv = {_train_args(assets, tmp_path, '--max-steps', '1')[1:]!r}\n"
+        f"runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--cluster ray needs Ray: `pip install 'rlvr[ray]'`" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num-generators", "2"], "num_generators needs --cluster ray"),
+        (["--ray-address", "auto"], "ray_address needs --cluster ray"),
+        (["--cluster", "ray", "--num-generators", "3", "--prompts-per-step", "2"], "must be <= prompts_per_step"),
+        (["--cluster", "slurm"], "invalid choice: 'slurm'"),
+    ],
+)
+def test_bad_cluster_flags_are_usage_errors(flags, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *flags, "--print-config"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -1,0 +1,283 @@
+"""Generator actors on a Ray cluster: each plays its share of every step's groups.
+
+Actor side, :class:`GeneratorActor`: its own generator (``--generator``: transformers, or
+vLLM in-process), its own copy of the model and its own environments, as the generator
+process of the one-machine pipeline has (``generator_worker.py``). It owns a fixed shard
+of every step: of the ``P = prompts_per_step`` groups, generator ``k`` of ``N`` plays the
+``k``-th of ``N`` contiguous, nearly equal slices (:func:`shard_groups`), with the same
+tasks (``TaskSchedule``) as the synchronous loop and the sampling seed
+``step_seed(seed, step) + 104729 * first_group`` (:func:`shard_seed`): with one generator
+that is the synchronous loop's seed, so the same samples come out.
+
+Driver side, :class:`GeneratorPool`: creates the actors in a placement group, sends them
+work (``play``: a step, the version to sample it with and a reference to those weights in
+the object store), and returns finished shards as they arrive.
+
+Invariants:
+
+1. **Fixed shards, fixed versions.** Shard ``k`` of step ``s`` is sampled by generator
+   ``k`` with the weight version the driver names (``ray_trainer`` picks it from the step
+   alone), so what a step contains does not depend on timing, on how many shards were
+   finished first, or on whether an actor was replaced.
+2. **In order per actor.** An actor runs its calls one at a time in the order sent (a
+   Ray actor's default); the driver never has more than ``eta + 1`` steps out.
+3. **Weights by reference.** ``play`` gets the weights as an ``ObjectRef`` inside a list
+   (so Ray does not resolve it on the way in) and fetches them only when its version
+   differs from the one asked for: each actor copies each version once.
+4. **Deaths are named, never waited on.** The driver waits on results with a timeout;
+   a result of a dead actor is a ``RayActorError``, turned into a
+   :class:`RayGeneratorError` naming the actor, its pid and node, and Ray's cause; with
+   restarts left (``--generator-restarts``, not spent on an actor whose constructor
+   failed) the actor is replaced in its bundle and every shard it held is sent again.
+   An exception raised inside ``play`` (an env, a verifier) always stops the run, with
+   the actor's traceback.
+5. **Nothing left.** :meth:`GeneratorPool.close` kills every actor and removes the
+   placement group, on every path out of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rlvr.envs.registry import make_env
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.default_model import load_tokenizer
+from rlvr.trainer.engines import build_generator, choose_generator, model_source
+from rlvr.trainer.generator_worker import GeneratorError
+from rlvr.trainer.grpo import max_context, resolve_device, sampling_params, seed_everything, step_seed, task_schedule
+from rlvr.trainer.ray_cluster import Place, RayCluster, here, require_ray
+from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
+from transformers import AutoConfig
+
+logger = logging.getLogger(__name__)
+
+_POLL = 0.2  # seconds per wait on results: the loop checks for deaths between waits
+_READY_TIMEOUT = 600.0  # seconds for an actor to load its model and environments
+SHARD_SEED_STRIDE = 104_729
+"""Seed offset per first group of a shard (a prime, apart from collect_rollouts' per-turn 7919)."""
+
+
+def shard_groups(prompts: int, shards: int) -> list[range]:
+    """Split groups ``0 .. prompts - 1`` into ``shards`` contiguous slices, the first ones one longer."""
+    if not 1 <= shards <= prompts:
+        raise ValueError(f"cannot split {prompts} groups over {shards} generators")
+    size, extra = divmod(prompts, shards)
+    starts = [k * size + min(k, extra) for k in range(shards + 1)]
+    return [range(starts[k], starts[k + 1]) for k in range(shards)]
+
+
+def shard_seed(seed: int, step: int, first_group: int) -> int:
+    """Return the sampling seed of the shard starting at ``first_group``: the synchronous loop's for group 0."""
+    return step_seed(seed, step) + SHARD_SEED_STRIDE * first_group
+
+
+@dataclass
+class ShardResult:
+    """One generator's groups of one step, and how its time went."""
+
+    step: int
+    shard: int
+    version: int
+    """The weight version that sampled every episode of the shard."""
+    rollouts: RolloutBatch
+    """The shard's groups, ``Episode.group`` already the step-wide group index."""
+    wait_seconds: float
+    """The actor's idle time between its previous call and this one."""
+    receive_seconds: float
+    """Time spent fetching and loading new weights."""
+    busy_seconds: float
+    """Time spent playing the groups (sampling and environments)."""
+
+
+class GeneratorActor:
+    """One generator on the cluster (wrapped with ``ray.remote`` by the pool); see the module docstring."""
+
+    def __init__(self, config: TrainConfig, shard: int, shards: int, threads: int, name: str):
+        seed_everything(config.seed)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.config, self.shard, self.name = config, shard, name
+        self.groups = shard_groups(config.prompts_per_step, shards)[shard]
+        self.envs = [make_env(config.env, **config.env_kwargs) for _ in range(len(self.groups) * config.group_size)]
+        self.schedule = task_schedule(config, self.envs[0])
+        self.tokenizer = load_tokenizer(config.model)
+        device = resolve_device(config.device)
+        choice = choose_generator(config.generator, device)
+        self.generator = build_generator(
+            choice, config.model, self.tokenizer, device, seed=config.seed, threads=threads
+        )
+        self.generator.version = -1  # nothing received yet: the loaded weights are never used
+        self.renderer = EnvMessageRenderer(self.tokenizer, set(self.generator.eos_ids))
+        self.sampling = sampling_params(config)
+        self.max_context = max_context(AutoConfig.from_pretrained(model_source(config.model)))
+        self._idle_since = time.perf_counter()
+
+    def where(self) -> Place:
+        """Return where this actor runs (the pool asks once, to name it in errors)."""
+        return here(self.name)
+
+    def play(self, step: int, weights: list[Any], version: int) -> ShardResult:
+        """Play this actor's groups of ``step`` with weights ``version`` (``weights[0]``: their ObjectRef)."""
+        t0 = time.perf_counter()
+        if self.generator.version != version:
+            state = require_ray().get(weights[0])
+            self.generator.update_weights(state, version)
+        t1 = time.perf_counter()
+        tasks = [self.schedule(step, p) for p in self.groups]
+        params = dataclasses.replace(self.sampling, seed=shard_seed(self.config.seed, step, self.groups.start))
+        rollouts = collect_rollouts(
+            self.envs, self.generator, self.tokenizer, self.renderer, tasks, self.config.group_size, params,
+            self.max_context,
+        )  # fmt: skip
+        for episode in rollouts.episodes:
+            episode.group += self.groups.start
+        t2 = time.perf_counter()
+        wait, self._idle_since = t0 - self._idle_since, t2
+        return ShardResult(step, self.shard, version, rollouts, wait, t1 - t0, t2 - t1)
+
+
+class RayGeneratorError(GeneratorError):
+    """A generator actor died, or raised; the message names the actor, its node and the cause."""
+
+    def __init__(self, message: str, *, place: Place | None, remote_traceback: str = "", init_failed: bool = False):
+        super().__init__(message, remote_traceback=remote_traceback)
+        self.place = place
+        self.init_failed = init_failed
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    place: Place | None
+    incarnation: int
+    outstanding: dict[int, tuple[int, Any]] = dataclasses.field(default_factory=dict)
+    """step -> (version, weights ObjectRef) of the calls sent and not yet returned."""
+
+
+class GeneratorPool:
+    """The driver's handle on the generator actors: create, send work, collect shards, replace, close."""
+
+    def __init__(self, cluster: RayCluster, config: TrainConfig, threads: int, gpus: bool):
+        self.ray, self.cluster, self.config, self.threads = cluster.ray, cluster, config, threads
+        self.num = config.num_generators
+        self.restarts = 0
+        bundle = {"CPU": 1.0, "GPU": 1.0} if gpus else {"CPU": 1.0}
+        self.group = cluster.place([dict(bundle) for _ in range(self.num)], "generator actors")
+        self._remote = self.ray.remote(GeneratorActor)
+        self._gpus = gpus
+        self._pending: dict[Any, tuple[int, int, int]] = {}  # result ref -> (shard, incarnation, step)
+        self.actors: list[_Actor] = []
+        try:
+            self.actors = [self._spawn(k, 0) for k in range(self.num)]
+            for k in range(self.num):
+                self._locate(k)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, shard: int, incarnation: int) -> _Actor:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        name = f"rlvr-generator-{shard}" + (f"-restart{incarnation}" if incarnation else "")
+        handle = self._remote.options(
+            name=name,
+            num_cpus=1,
+            num_gpus=1 if self._gpus else 0,
+            max_restarts=0,  # the pool replaces actors itself, so that it knows which shards to send again
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=shard),
+        ).remote(self.config, shard, self.num, self.threads, name)
+        return _Actor(handle, None, incarnation)
+
+    def _locate(self, shard: int) -> None:
+        """Wait for actor ``shard`` to be built (model, envs) and record where it runs."""
+        actor = self.actors[shard]
+        try:
+            actor.place = self.ray.get(actor.handle.where.remote(), timeout=_READY_TIMEOUT)
+        except self.ray.exceptions.RayActorError as e:
+            raise self._died(shard, e) from None
+        logger.info("ray: generator %s ready", actor.place)
+
+    def send(self, step: int, version: int, weights: Any) -> None:
+        """Send step ``step`` to every actor, to be sampled with ``version`` (``weights``: its ObjectRef)."""
+        for k in range(self.num):
+            self._send(k, step, version, weights)
+
+    def _send(self, shard: int, step: int, version: int, weights: Any) -> None:
+        actor = self.actors[shard]
+        ref = actor.handle.play.remote(step, [weights], version)
+        actor.outstanding[step] = (version, weights)
+        self._pending[ref] = (shard, actor.incarnation, step)
+
+    def receive(self) -> list[ShardResult]:
+        """Return the shards finished within a short wait (maybe none); replace dead actors, or raise."""
+        if not self._pending:
+            raise RuntimeError("waiting for shards, but none was sent")
+        ready, _ = self.ray.wait(list(self._pending), num_returns=len(self._pending), timeout=_POLL)
+        results = []
+        for ref in ready:
+            shard, incarnation, step = self._pending.pop(ref)
+            if incarnation != self.actors[shard].incarnation:
+                continue  # a call to an actor already replaced: its work was sent again
+            try:
+                result = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as e:
+                self._replace(shard, self._died(shard, e))
+                continue
+            except self.ray.exceptions.RayTaskError as e:
+                raise self._raised(shard, step, e) from None
+            del self.actors[shard].outstanding[step]
+            results.append(result)
+        return results
+
+    def _died(self, shard: int, error: Any) -> RayGeneratorError:
+        actor = self.actors[shard]
+        who = str(actor.place) if actor.place else f"rlvr-generator-{shard} (before it was ready)"
+        cause = str(error).strip()
+        return RayGeneratorError(
+            f"generator actor {who} died: {cause}",
+            place=actor.place,
+            remote_traceback=cause if error.actor_init_failed else "",
+            init_failed=error.actor_init_failed,
+        )
+
+    def _raised(self, shard: int, step: int, error: Any) -> RayGeneratorError:
+        actor = self.actors[shard]
+        cause = getattr(error, "cause", None) or error
+        remote = str(error)  # Ray's rendering: the actor's traceback, then the exception
+        return RayGeneratorError(
+            f"generator actor {actor.place} raised (at step {step}): {type(cause).__name__}: {cause}\n"
+            f"--- generator traceback ---\n{remote}",
+            place=actor.place,
+            remote_traceback=remote,
+        )
+
+    def _replace(self, shard: int, error: RayGeneratorError) -> None:
+        """Start a new actor for ``shard`` and send it every step the dead one held; raise if not allowed."""
+        if error.init_failed or self.restarts >= self.config.generator_restarts:
+            raise error
+        self.restarts += 1
+        old = self.actors[shard]
+        logger.warning(
+            "%s; replacing it and regenerating step(s) %s (restart %d of %d)",
+            error, sorted(old.outstanding), self.restarts, self.config.generator_restarts,
+        )  # fmt: skip
+        self.ray.kill(old.handle, no_restart=True)
+        self.actors[shard] = self._spawn(shard, old.incarnation + 1)
+        self._locate(shard)
+        for step, (version, weights) in sorted(old.outstanding.items()):
+            self._send(shard, step, version, weights)
+
+    def close(self) -> None:
+        """Kill every actor and release the placement group (invariant 5)."""
+        for actor in self.actors:
+            try:
+                self.ray.kill(actor.handle, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - teardown goes on for the others
+                logger.warning("ray: could not kill %s: %s", actor.place, e)
+        self.actors, self._pending = [], {}
+        self.cluster.remove(self.group)

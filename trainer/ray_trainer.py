@@ -1,0 +1,263 @@
+"""Asynchronous GRPO on a Ray cluster: several generator actors feed the learner (``--cluster ray``).
+
+    python scripts/train.py --env arithmetic --cluster ray --num-generators 2 --max-staleness 1
+    python scripts/train.py --env gsm8k --cluster ray --ray-address auto --num-generators 8 --max-staleness 2
+
+The same steps, objective and staleness bound as the one-machine pipeline
+(``async_trainer.py``), with the generator process replaced by ``N = num_generators``
+Ray actors (``ray_actors.py``) and the shared-memory transport by Ray's object store:
+
+    driver (here: the learner)                         generator actors k = 0 .. N-1
+    after step s-1: put weights v = s-1 in the store   play(step, [ref of v(step)], v(step)):
+    send every admissible step d <= s + eta ───────>     fetch v(step) if not held, play shard k
+    wait until all N shards of step s are in  <───────   return the shard (through the store)
+    advantages over the whole batch, pack, learn step s
+
+Which weights sample which step is fixed: step ``s`` is sampled by version
+``max(0, s - 1 - eta)`` (the oldest admissible, ``rollout_queue.Admission``), by every
+shard alike, so the batches do not depend on how fast each actor is, and with
+``max_staleness = 0`` and one generator the run is the synchronous loop (same tasks, same
+seeds, same weights: ``tests/test_ray_trainer.py`` compares the metrics). A resumed run
+has only the checkpoint's weights, so its first ``eta`` batches are sampled by them (fresher
+than an uninterrupted run's). The groups of a step are split in fixed contiguous shards,
+one per actor, each with its own sampling seed (``ray_actors.shard_seed``); a batch is
+learned only when every shard is in, and the advantages are computed over the whole batch
+as in the synchronous loop (group-relative, so a shard boundary changes nothing).
+
+The loss is the decoupled objective chosen per batch as in ``async_trainer.py``: GRPO's
+exact loss for batches sampled by the learner's current weights, the importance-weighted
+one for stale batches.
+
+Where this departs from the one-machine pipeline: weights travel pickled through the
+object store (one ``ray.put`` per step, one copy per actor and version; on GPUs an NCCL
+group between the learner and the engines would avoid the host round trip and is not
+built); the learner runs in the driver process (one rank).
+
+Invariants of the concurrent code:
+
+1. The driver is the only writer of weights and the only reader of shards; each actor
+   produces only its own shard of each step, in the order the steps were sent.
+2. At most ``eta + 1`` steps are out at once: a step is sent only when its sampling
+   version is published, and the learner takes steps in order (``RolloutBuffer`` checks
+   the bound and the order, and refuses a batch too stale).
+3. Every wait is bounded (``GeneratorPool.receive`` waits 0.2 s at a time): a dead actor
+   is replaced up to ``generator_restarts`` times, its shards sent again with the same
+   version (so the batch is the one it would have been), or the run stops with a
+   ``RayGeneratorError`` naming the actor, its node and the cause.
+4. Whatever ends ``train_ray`` (the last step, an exception, Ctrl-C), the actors are
+   killed and the placement group removed, and a Ray this run started is shut down,
+   before it returns or raises. A generator failure first checkpoints the last
+   completed step.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rlvr.envs.registry import make_env
+from rlvr.trainer.advantages import SCALES, turn_advantages
+from rlvr.trainer.async_trainer import role_threads
+from rlvr.trainer.batch import pack_episodes
+from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlvr.trainer.config import TrainConfig, write_config
+from rlvr.trainer.default_model import load_model
+from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
+from rlvr.trainer.generator_worker import GeneratorError
+from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
+from rlvr.trainer.metrics import RunLog, Stopwatch
+from rlvr.trainer.ray_cluster import RayCluster, require_ray
+from rlvr.trainer.rollout import RolloutBatch
+from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
+from rlvr.trainer.types import Learner
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def train_ray(config: TrainConfig) -> TrainResult:
+    """Run asynchronous GRPO with ``config.num_generators`` generator actors on a Ray cluster."""
+    require_ray()  # a usage error before any model loads
+    resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
+    learner, tokenizer = _setup_learner(config)
+    write_config(config)
+    start = load_checkpoint(resume_from, learner).step if resume_from is not None else 0
+    record: dict[str, Any] = {}
+    checkpoint, done = None, start
+    bar = tqdm(total=config.max_steps, initial=start, desc="grpo-ray", disable=not config.progress, file=sys.stderr)
+    writer = RunLog(config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer)
+    cluster: RayCluster | None = None
+    pipeline: _RayPipeline | None = None
+    try:
+        cluster = RayCluster(config.ray_address, config.num_generators, _object_store_bytes(config, learner))
+        pipeline = _RayPipeline(cluster, config, learner, start)
+        step_fn = _StepFn(config, tokenizer.pad_token_id)
+        for step in range(start + 1, config.max_steps + 1):
+            record, rollouts = step_fn(step, pipeline, learner)
+            done = step
+            writer.write(record, rollouts)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
+            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config)
+    except GeneratorError:
+        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
+            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config)
+            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
+        raise
+    finally:
+        if pipeline is not None:
+            pipeline.close()  # invariant 4: on every path
+        if cluster is not None:
+            cluster.close()
+        writer.close()
+        bar.close()
+    if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
+        checkpoint = resolve_resume("latest", config.output_dir)
+    metrics_path = Path(config.output_dir) / "metrics.jsonl"
+    return TrainResult(max(start, config.max_steps), metrics_path, checkpoint, record)
+
+
+def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
+    seed_everything(config.seed)
+    if role_threads(config) > 0:
+        torch.set_num_threads(role_threads(config))
+    make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
+    device = resolve_device(config.device)
+    _, world = learner_ranks(config, device)
+    if world > 1:
+        raise EngineError(f"--cluster ray runs its learner in the driver, not under a launcher ({world} processes)")
+    choice = choose_generator(config.generator, device)  # checked here; built in every actor
+    logger.info("generator: %s (%s), in %d Ray actor(s)", choice.kind, choice.reason, config.num_generators)
+    model, tokenizer = load_model(config.model)
+    model.to(device)
+    return build_learner(config, model, device, objective=config.objective or "decoupled"), tokenizer
+
+
+def _object_store_bytes(config: TrainConfig, learner: Learner) -> int:
+    """Object store a local Ray needs: ``eta + 3`` weight versions, and room for the rollouts."""
+    weights = sum(t.numel() * t.element_size() for t in learner.weights_for_generation().values())
+    return ((config.max_staleness or 0) + 3) * weights + 64 * 2**20
+
+
+@dataclass
+class _Step:
+    """The shards of one step, put together: the batch and what each actor's time went to."""
+
+    rollouts: RolloutBatch
+    wait_seconds: list[float]
+    receive_seconds: list[float]
+    busy_seconds: list[float]
+
+
+class _StepFn:
+    """One training step: take the step's batch, learn from it, publish; return its metrics and rollouts."""
+
+    def __init__(self, config: TrainConfig, pad_id: int):
+        self.config, self.pad_id = config, pad_id
+        objective = config.objective or "decoupled"
+        self.stale = build_loss_fn(config, objective)
+        self.on_policy = build_loss_fn(config, objective, on_policy=True)  # mu is pi_prox: GRPO bit for bit
+
+    def __call__(self, step: int, pipeline: _RayPipeline, learner: Learner) -> tuple[dict[str, Any], RolloutBatch]:
+        config, watch, t0 = self.config, Stopwatch(), time.perf_counter()
+        with watch.time("wait"):
+            item = pipeline.take(step, learner)
+        shards: _Step = item.payload
+        rollouts = shards.rollouts
+        advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], SCALES[config.scale])
+        batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], self.pad_id, config.mask_truncated)
+        staleness = [learner.version - v for e in rollouts.episodes for v in e.versions]
+        with watch.time("learning"):
+            learned = learner.step(batch, loss_fn=self.on_policy if max(staleness) == 0 else self.stale)
+        with watch.time("publish"):
+            pipeline.publish(learner)
+        step_seconds = time.perf_counter() - t0
+        n = len(shards.busy_seconds)
+        generator_seconds = sum(shards.wait_seconds) + sum(shards.receive_seconds) + sum(shards.busy_seconds)
+        record = step_record(step, rollouts, learned, watch.seconds["learning"], step_seconds)
+        record |= staleness_metrics(staleness, config.max_staleness or 0)
+        record |= {
+            "policy_version": float(item.version),
+            "time/wait_rollouts": watch.seconds["wait"],
+            "time/weight_publish": watch.seconds["publish"],
+            "time/weight_receive": max(shards.receive_seconds),
+            "time/generator_wait": sum(shards.wait_seconds) / n,
+            "time/generator_busy": sum(shards.busy_seconds) / n,
+            "async/learner_idle_fraction": watch.seconds["wait"] / max(step_seconds, 1e-9),
+            "async/generator_idle_fraction": sum(shards.wait_seconds) / max(generator_seconds, 1e-9),
+            "async/buffered_batches": float(len(pipeline.buffer)),
+            "async/generator_restarts": float(pipeline.pool.restarts),
+            "ray/num_generators": float(n),
+        }
+        return record, rollouts
+
+
+class _RayPipeline:
+    """The learner's side: weight versions in the object store, steps sent, shards gathered into batches."""
+
+    def __init__(self, cluster: RayCluster, config: TrainConfig, learner: Learner, start: int):
+        from rlvr.trainer.ray_actors import GeneratorPool  # imports Ray: only here, after require_ray
+
+        self.ray, self.config = cluster.ray, config
+        self.admission = Admission(config.max_staleness or 0)
+        self.buffer: RolloutBuffer[_Step] = RolloutBuffer(self.admission, start + 1)
+        self.weights: dict[int, Any] = {}  # version -> ObjectRef of its weights
+        self.partial: dict[int, dict[int, Any]] = {}  # step -> shard -> ShardResult
+        self.next_send = start + 1
+        device = resolve_device(config.device)
+        gpus = device.type == "cuda" and cluster.gpus() >= config.num_generators
+        self.pool = GeneratorPool(cluster, config, role_threads(config), gpus)
+        self.publish(learner)
+
+    def publish(self, learner: Learner) -> None:
+        """Put the learner's weights in the object store as its version; send the steps they admit."""
+        self.weights[learner.version] = self.ray.put(learner.weights_for_generation())
+        oldest = self.admission.min_version(self.next_send)
+        for v in [v for v in self.weights if v < oldest and v != learner.version]:
+            del self.weights[v]  # no step still to send samples with it (those out hold their own ref)
+        while self.next_send <= self.config.max_steps:
+            version = self._version_for(self.next_send)
+            if version is None:
+                break
+            self.pool.send(self.next_send, version, self.weights[version])
+            self.next_send += 1
+
+    def _version_for(self, step: int) -> int | None:
+        """Return the oldest held version that may sample ``step`` (exactly ``step - 1 - eta`` unless resumed)."""
+        admitted = [v for v in self.weights if self.admission.admits(step, v)]
+        return min(admitted) if admitted else None
+
+    def take(self, step: int, learner: Learner) -> RolloutItem[_Step]:
+        """Return the batch of ``step``, gathering shards (and replacing dead actors) until it is whole."""
+        while not self.buffer.has(step):
+            for result in self.pool.receive():
+                shards = self.partial.setdefault(result.step, {})
+                shards[result.shard] = result
+                if len(shards) == self.pool.num:
+                    self._complete(result.step)
+        return self.buffer.take(step, learner.version)
+
+    def _complete(self, step: int) -> None:
+        results = [r for _, r in sorted(self.partial.pop(step).items())]
+        rollouts = RolloutBatch(
+            groups=[g for r in results for g in r.rollouts.groups],
+            generation_seconds=max(r.rollouts.generation_seconds for r in results),  # the shards ran side by side
+            env_seconds=max(r.rollouts.env_seconds for r in results),
+        )
+        payload = _Step(
+            rollouts,
+            [r.wait_seconds for r in results],
+            [r.receive_seconds for r in results],
+            [r.busy_seconds for r in results],
+        )
+        self.buffer.put(RolloutItem(step, min(r.version for r in results), payload))
+
+    def close(self) -> None:
+        self.pool.close()
+        self.weights.clear()
