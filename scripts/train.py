@@ -11,8 +11,10 @@
     deepspeed --num_gpus 2 scripts/train.py --env gsm8k --learner deepspeed --zero-stage 3   # 2 learner ranks
 
 Every flag is a field of ``rlvr.trainer.config.TrainConfig`` (``--help`` lists them with
-their docstrings). Writes ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per step) and
-``OUTPUT_DIR/checkpoints/step_N/``. The loop itself is ``rlvr.trainer.grpo.train``, or with
+their docstrings). Writes ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per step),
+``OUTPUT_DIR/tensorboard/`` (when tensorboard is installed; ``--wandb-project`` adds W&B) and
+``OUTPUT_DIR/checkpoints/step_N/``; ``scripts/plot.py OUTPUT_DIR`` draws the curves.
+The loop itself is ``rlvr.trainer.grpo.train``, or with
 ``--max-staleness N`` the two-process pipeline ``rlvr.trainer.async_trainer.train_async``
 (``--objective decoupled|plain|grpo``, ``--is-cap``, ``--is-level``, ``--is-mode``), or with
 ``--cluster ray`` the same pipeline with Ray actors as generators, ``rlvr.trainer.ray_trainer.train_ray``.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from rlvr.trainer.config import TrainConfig, config_from_args
 from rlvr.trainer.metrics import log_to_stderr, read_metrics, summarize_run
+from rlvr.trainer.trackers import TrackerError, check_trackers
 
 if TYPE_CHECKING:
     from rlvr.trainer.grpo import TrainResult
@@ -41,6 +44,11 @@ WARMED_UP_ON = ("arithmetic", "rlvr/Arithmetic-v0")
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
     log_to_stderr()
+    try:
+        check_trackers(config)  # --wandb-project without wandb: say so now, not after the model loads
+    except TrackerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Imported after parsing, so --help and flag errors are instant.
     if config.cluster == "ray":  # the only path that imports Ray (pip install 'rlvr[ray]')
         from rlvr.trainer.ray_trainer import train_ray as train

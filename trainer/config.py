@@ -178,6 +178,10 @@ class TrainConfig:
     answer, reason) to output_dir/samples.jsonl; 0 disables."""
     progress: bool = True
     """Show a tqdm progress bar with step, reward and speed."""
+    wandb_project: str | None = None
+    """Also log metrics and samples to this Weights & Biases project (needs pip install
+    'rlvr[wandb]'; WANDB_MODE=offline needs no account). TensorBoard event files are written to
+    output_dir/tensorboard whenever tensorboard is installed, with no flag."""
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -31,6 +31,9 @@ Every ``--samples-every`` steps, ``samples.jsonl`` (same writer, same resume rul
 one episode of each of the first ``SAMPLES_PER_LOG`` groups: the prompt as the model saw
 it, the completions, reward and components, what the verifier parsed and why it scored
 so, so a user can read what the model is doing without a debugger.
+
+``RunLog`` hands each step's record and samples to every tracker (trackers.py): these two
+files, and TensorBoard / W&B when they are installed and asked for.
 """
 
 from __future__ import annotations
@@ -44,14 +47,16 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from rlvr.trainer.advantages import zero_spread_fraction
+from rlvr.trainer.trackers import Tracker, close_all, open_trackers
 
 if TYPE_CHECKING:
+    from rlvr.trainer.config import TrainConfig
     from rlvr.trainer.rollout import RolloutBatch
 
 SAMPLES_PER_LOG = 4
@@ -212,23 +217,62 @@ def sample_records(step: int, rollouts: RolloutBatch, tokenizer: Any, n: int = S
     return records
 
 
-class RunLog:
-    """A run's metrics.jsonl and samples.jsonl, written and resumed together (one ``write`` per step)."""
+class JsonlTracker:
+    """metrics.jsonl and samples.jsonl (none when ``samples`` is False), resumed together: the durable record."""
 
-    def __init__(self, output_dir: str | Path, resume_step: int | None, samples_every: int, tokenizer: Any):
+    def __init__(self, output_dir: str | Path, resume_step: int | None, samples: bool):
         self.metrics = MetricsWriter(Path(output_dir) / "metrics.jsonl", resume_step=resume_step)
-        self.samples = MetricsWriter(Path(output_dir) / "samples.jsonl", resume_step) if samples_every else None
-        self.samples_every, self.tokenizer = samples_every, tokenizer
+        self.samples = MetricsWriter(Path(output_dir) / "samples.jsonl", resume_step) if samples else None
 
-    def write(self, record: dict[str, Any], rollouts: RolloutBatch) -> None:
-        """Append the step's metrics, and on every ``samples_every``-th step its samples."""
-        self.metrics.write(record)
-        step = int(record["step"])
-        if self.samples is not None and step % self.samples_every == 0:
-            for sample in sample_records(step, rollouts, self.tokenizer):
+    def log(self, step: int, record: Mapping[str, Any]) -> None:
+        self.metrics.write(dict(record))
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        if self.samples is not None:
+            for sample in samples:
                 self.samples.write(sample)
 
     def close(self) -> None:
         self.metrics.close()
         if self.samples is not None:
             self.samples.close()
+
+
+class RunLog:
+    """A run's metrics and samples, sent to every tracker (trackers.py) and resumed together; one ``write`` per step.
+
+    metrics.jsonl and samples.jsonl always; TensorBoard event files in ``OUTPUT_DIR/tensorboard``
+    when tensorboard is installed; W&B when ``config.wandb_project`` is set (``config`` also
+    becomes the W&B run's config). Without ``config`` there is no W&B.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        resume_step: int | None,
+        samples_every: int,
+        tokenizer: Any,
+        *,
+        config: TrainConfig | None = None,
+    ):
+        self.jsonl = JsonlTracker(output_dir, resume_step, samples=bool(samples_every))
+        self.trackers: list[Tracker] = [self.jsonl]
+        try:
+            self.trackers += open_trackers(output_dir, resume_step, config)
+        except BaseException:
+            self.jsonl.close()
+            raise
+        self.samples_every, self.tokenizer = samples_every, tokenizer
+
+    def write(self, record: dict[str, Any], rollouts: RolloutBatch) -> None:
+        """Log the step's metrics everywhere, and on every ``samples_every``-th step its samples."""
+        step = int(record["step"])
+        for tracker in self.trackers:
+            tracker.log(step, record)
+        if self.samples_every and step % self.samples_every == 0:
+            samples = sample_records(step, rollouts, self.tokenizer)
+            for tracker in self.trackers:
+                tracker.log_samples(step, samples)
+
+    def close(self) -> None:
+        close_all(self.trackers)
