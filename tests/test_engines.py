@@ -93,9 +93,13 @@ def test_default_run_logs_the_generator_it_took(tmp_path):
 @needs_vllm
 @needs_deepspeed
 def test_the_issue_command_vllm_deepspeed_async(tmp_path):
-    """`train.py --env gsm8k --generator vllm --learner deepspeed --max-staleness 1 --max-steps 3`."""
+    """`train.py --env gsm8k --generator vllm --learner deepspeed --max-staleness 1 --max-steps 3`.
+
+    With ``--eval-every 3``: the DeepSpeed learner evaluates on a copy of the model that takes its weights.
+    """
     proc = _train("--env", "gsm8k", "--generator", "vllm", "--learner", "deepspeed", "--max-staleness", "1",
-                  "--max-steps", "3", "--output-dir", str(tmp_path), "--no-progress")  # fmt: skip
+                  "--max-steps", "3", "--output-dir", str(tmp_path), "--no-progress", "--eval-every", "3",
+                  "--eval-limit", "4")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "generator: vllm (requested)" in proc.stderr
     records = _records(tmp_path)
@@ -106,6 +110,9 @@ def test_the_issue_command_vllm_deepspeed_async(tmp_path):
         assert r["staleness_max"] <= 1
     assert any(r["time/weight_receive"] > 0.0 for r in records)  # the engine took new weights in place
     assert (tmp_path / "checkpoints" / "step_000003" / "model.safetensors").is_file()
+    # the weights of version 2 sample step 4 (the fixed lag), so the checkpoint carries them for a resume
+    assert (tmp_path / "checkpoints" / "step_000003" / "lagged_weights" / "version_000002.safetensors").is_file()
+    assert [r["step"] for r in records if "eval/pass@1" in r] == [3] and 0.0 <= records[-1]["eval/pass@1"] <= 1.0
 
 
 @pytest.mark.vllm
