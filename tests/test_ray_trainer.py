@@ -145,6 +145,19 @@ def test_two_generators_share_each_step_at_a_fixed_lag(two_generators):
     assert all("is_weight_mean" in r and r["time/weight_publish"] > 0 for r in records)
 
 
+def test_a_resumed_run_samples_what_the_uninterrupted_one_did(two_generators, assets, tmp_path):
+    # The checkpoint of step 3 carries version 2 (step 4 is sampled by it at eta = 1).
+    config = _config(assets, tmp_path, max_steps=3, prompts_per_step=4, num_generators=2, max_staleness=1)
+    train_ray(config)
+    assert (tmp_path / "checkpoints" / "step_000003" / "lagged_weights").is_dir()
+    resumed = train_ray(_config(assets, tmp_path, max_steps=6, prompts_per_step=4, num_generators=2,
+                                max_staleness=1, resume="latest"))  # fmt: skip
+    records = read_metrics(resumed.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for want, got in zip(two_generators, records):
+        assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
+
+
 def _kill_after(metrics: Path, lines: int, name: str) -> threading.Thread:
     """In the background: once ``metrics`` has ``lines`` lines, ``ray.kill`` the actor called ``name``."""
 

@@ -78,6 +78,7 @@ class RayCluster:
             logger.info("ray: using the Ray this process already initialised")
             return
         common: dict[str, Any] = dict(namespace=f"rlvr-{uuid.uuid4().hex[:8]}", logging_level=logging.WARNING)
+        address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
         if address:
             self.ray.init(address=address, **common)
             logger.info("ray: joined the cluster at %s: %s", address, _resources(self.ray.cluster_resources()))

@@ -17,12 +17,13 @@ Which weights sample which step is fixed: step ``s`` is sampled by version
 ``max(0, s - 1 - eta)`` (the oldest admissible, ``rollout_queue.Admission``), by every
 shard alike, so the batches do not depend on how fast each actor is, and with
 ``max_staleness = 0`` and one generator the run is the synchronous loop (same tasks, same
-seeds, same weights: ``tests/test_ray_trainer.py`` compares the metrics). A resumed run
-has only the checkpoint's weights, so its first ``eta`` batches are sampled by them (fresher
-than an uninterrupted run's). The groups of a step are split in fixed contiguous shards,
-one per actor, each with its own sampling seed (``ray_actors.shard_seed``); a batch is
-learned only when every shard is in, and the advantages are computed over the whole batch
-as in the synchronous loop (group-relative, so a shard boundary changes nothing).
+seeds, same weights: ``tests/test_ray_trainer.py`` compares the metrics). A checkpoint
+carries the ``eta`` older versions the next batches sample with (``checkpoint.py``), so a
+resumed run samples what the uninterrupted one would have. The groups of a step are split
+in fixed contiguous shards, one per actor, each with its own sampling seed
+(``ray_actors.shard_seed``); a batch is learned only when every shard is in, and the
+advantages are computed over the whole batch as in the synchronous loop (group-relative,
+so a shard boundary changes nothing).
 
 The loss is the decoupled objective chosen per batch as in ``async_trainer.py``: GRPO's
 exact loss for batches sampled by the learner's current weights, the importance-weighted
@@ -64,7 +65,7 @@ from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
 from rlvr.trainer.async_trainer import role_threads
 from rlvr.trainer.batch import pack_episodes
-from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
@@ -86,7 +87,9 @@ def train_ray(config: TrainConfig) -> TrainResult:
     resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
     learner, tokenizer = _setup_learner(config)
     write_config(config)
-    start = load_checkpoint(resume_from, learner).step if resume_from is not None else 0
+    start, lagged = 0, {}
+    if resume_from is not None:
+        start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
     record: dict[str, Any] = {}
     checkpoint, done = None, start
     bar = tqdm(total=config.max_steps, initial=start, desc="grpo-ray", disable=not config.progress, file=sys.stderr)
@@ -95,7 +98,7 @@ def train_ray(config: TrainConfig) -> TrainResult:
     pipeline: _RayPipeline | None = None
     try:
         cluster = RayCluster(config.ray_address, config.num_generators, _object_store_bytes(config, learner))
-        pipeline = _RayPipeline(cluster, config, learner, start)
+        pipeline = _RayPipeline(cluster, config, learner, start, lagged)
         step_fn = _StepFn(config, tokenizer.pad_token_id)
         for step in range(start + 1, config.max_steps + 1):
             record, rollouts = step_fn(step, pipeline, learner)
@@ -104,10 +107,11 @@ def train_ray(config: TrainConfig) -> TrainResult:
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
             if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config)
+                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, pipeline.lagged())
     except GeneratorError:
         if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
-            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config)
+            assert pipeline is not None  # a GeneratorError comes from the pipeline
+            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config, pipeline.lagged())
             logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
         raise
     finally:
@@ -201,7 +205,7 @@ class _StepFn:
 class _RayPipeline:
     """The learner's side: weight versions in the object store, steps sent, shards gathered into batches."""
 
-    def __init__(self, cluster: RayCluster, config: TrainConfig, learner: Learner, start: int):
+    def __init__(self, cluster: RayCluster, config: TrainConfig, learner: Learner, start: int, lagged: dict):
         from rlvr.trainer.ray_actors import GeneratorPool  # imports Ray: only here, after require_ray
 
         self.ray, self.config = cluster.ray, config
@@ -213,20 +217,31 @@ class _RayPipeline:
         device = resolve_device(config.device)
         gpus = device.type == "cuda" and cluster.gpus() >= config.num_generators
         self.pool = GeneratorPool(cluster, config, role_threads(config), gpus)
+        for version, weights in sorted(lagged.items()):  # a resumed run's older versions, from its checkpoint
+            if version < learner.version:
+                self.weights[version] = self.ray.put(weights)
+        self.version = learner.version
         self.publish(learner)
 
     def publish(self, learner: Learner) -> None:
         """Put the learner's weights in the object store as its version; send the steps they admit."""
         self.weights[learner.version] = self.ray.put(learner.weights_for_generation())
-        oldest = self.admission.min_version(self.next_send)
+        self.version = learner.version
+        oldest = self.admission.min_version(self.buffer.next_step)
         for v in [v for v in self.weights if v < oldest and v != learner.version]:
-            del self.weights[v]  # no step still to send samples with it (those out hold their own ref)
+            del self.weights[v]  # no step still to learn was sampled with it
         while self.next_send <= self.config.max_steps:
             version = self._version_for(self.next_send)
             if version is None:
                 break
             self.pool.send(self.next_send, version, self.weights[version])
             self.next_send += 1
+
+    def lagged(self) -> dict[int, Any]:
+        """Return the older versions the next steps are sampled with, for the checkpoint (exact resume)."""
+        eta = self.admission.max_staleness
+        held = [v for v in self.weights if self.version - eta <= v < self.version]
+        return {v: self.ray.get(self.weights[v]) for v in held}
 
     def _version_for(self, step: int) -> int | None:
         """Return the oldest held version that may sample ``step`` (exactly ``step - 1 - eta`` unless resumed)."""
