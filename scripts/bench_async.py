@@ -24,6 +24,10 @@ Runs and their threads (``--torch-threads``):
 - ``sync, vllm, 1 thr`` and ``async vllm, eta=k``: the same with ``--generator vllm`` (vLLM's
   engine in-process, in the learner process or in the generator process; weights sent to
   it after every step), when vLLM is installed (``--vllm-etas`` with no value: none).
+- ``ray N gen, eta=k``: ``--cluster ray`` on a local Ray (``ray_trainer.py``): N generator
+  actors of one thread each and the learner in the driver (one thread), weights and
+  rollouts through Ray's object store instead of shared memory (``--ray-generators`` with
+  no value: none); with two generators three one-thread roles share two cores.
 
 The time compared is the steady state: the wall time of steps ``--warmup + 1 .. steps``
 as the learner sees them (``time/step`` summed), which leaves out process start, model
@@ -108,7 +112,7 @@ class _LoadSampler:
 def _measure(name: str, config: TrainConfig, warmup: int) -> Run:
     start = time.perf_counter()
     with _LoadSampler() as load:
-        result = (train if config.max_staleness is None else train_async)(config)
+        result = _loop(config)(config)
     wall = time.perf_counter() - start
     steady = [r for r in read_metrics(result.metrics_path) if r["step"] > warmup]
     run = Run(
@@ -126,6 +130,15 @@ def _measure(name: str, config: TrainConfig, warmup: int) -> Run:
         run.generator_idle = sum(r["time/generator_wait"] for r in steady) / gen_wall
         run.staleness = statistics.fmean(r["staleness_mean"] for r in steady)
     return run
+
+
+def _loop(config: TrainConfig):
+    """The training function of ``config``: synchronous, the two-process pipeline, or Ray (imported only then)."""
+    if config.cluster == "ray":
+        from rlvr.trainer.ray_trainer import train_ray
+
+        return train_ray
+    return train if config.max_staleness is None else train_async
 
 
 def _model(folder: Path, args: argparse.Namespace) -> str:
@@ -160,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[1],
         help="the vLLM generator's rows: the sync loop and async at these etas (none: no vLLM rows)",
     )
+    parser.add_argument(
+        "--ray-generators",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="the Ray rows (--cluster ray, a local Ray): one per number of generator actors, at --ray-eta",
+    )
+    parser.add_argument("--ray-eta", type=int, default=1)
     args = parser.parse_args(argv)
 
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), cpus: {os.cpu_count()}")
@@ -196,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             for eta in args.vllm_etas:
                 vllm_eta = config(f"asyncv{eta}", torch_threads=2, max_staleness=eta, generator="vllm")
                 runs.append(_measure(f"async vllm, eta={eta}", vllm_eta, args.warmup))
+        if args.ray_generators and not installed("ray"):
+            print("ray is not installed: no Ray rows")
+        for n in args.ray_generators if installed("ray") else []:
+            ray_n = config(f"ray{n}", torch_threads=2, max_staleness=args.ray_eta, cluster="ray", num_generators=n)
+            runs.append(_measure(f"ray {n} gen, eta={args.ray_eta}", ray_n, args.warmup))
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
     _report(runs, args)
     return 0
