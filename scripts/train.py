@@ -77,11 +77,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not is_main():  # other learner ranks: rank 0 reports
         return 0
-    print("\n".join(summary_lines(config, result, time.perf_counter() - start)))
+    seconds = time.perf_counter() - start
+    print("\n".join(summary_lines(config, result, seconds, write_plots(config.output_dir))))
     return 0
 
 
-def summary_lines(config: TrainConfig, result: TrainResult, seconds: float) -> list[str]:
+def write_plots(output_dir: str) -> Path | None:
+    """Draw the run's learning curves into OUTPUT_DIR/plots (about a second); None if that failed.
+
+    The run is over and its metrics are safe on disk, so a plotting failure is a warning, never an error.
+    """
+    try:
+        from rlvr.trainer.plots import plot_runs
+
+        written, _ = plot_runs([output_dir])
+    except Exception as e:  # noqa: BLE001 - matplotlib missing or broken: say so, keep the run's result
+        print(f"warning: no plots written ({type(e).__name__}: {e}); run scripts/plot.py {output_dir}", file=sys.stderr)
+        return None
+    return written[0].parent if written else None
+
+
+def summary_lines(config: TrainConfig, result: TrainResult, seconds: float, plots: Path | None = None) -> list[str]:
     """Return the end-of-run summary: steps, reward first vs last, time, speed, where everything is.
 
     On the default model, a reward that ends at ~0 gets a plain sentence: the ~1M-parameter
@@ -95,10 +111,17 @@ def summary_lines(config: TrainConfig, result: TrainResult, seconds: float) -> l
             f"  reward_mean {s['reward_start']:.3f} (first {s['window']} steps) -> {s['reward_end']:.3f} "
             f"(last {s['window']}); {s['tokens_per_second']:.0f} generated tokens/s"
         )
+    out = Path(config.output_dir)
+    lines.append(f"  metrics      {result.metrics_path}")
+    if config.samples_every and (out / "samples.jsonl").exists():
+        lines.append(f"  samples      {out / 'samples.jsonl'}  (every {config.samples_every} steps)")
+    if plots is not None:
+        lines.append(f"  plots        {plots}  (scripts/plot.py RUN_DIR ... overlays runs)")
+    if (out / "tensorboard").is_dir():
+        lines.append(f"  tensorboard  tensorboard --logdir {out}")
     lines += [
-        f"  metrics      {result.metrics_path}",
-        f"  config       {Path(config.output_dir) / 'config.yaml'}",
-        f"  checkpoints  {Path(config.output_dir) / 'checkpoints'}",
+        f"  config       {out / 'config.yaml'}",
+        f"  checkpoints  {out / 'checkpoints'}",
         f"  final model  {result.checkpoint}  (a --model for evaluate.py or train.py)",
     ]
     if config.model is None and config.env not in WARMED_UP_ON and s["steps"] and s["reward_end"] < UNSOLVED_REWARD:

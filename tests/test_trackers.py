@@ -106,3 +106,18 @@ def test_wandb_offline_logs_scalars_and_samples_and_a_resume_continues_the_same_
     RunLog(tmp_path, 2, 0, None, config=config).close()  # resumed from step 2: the same W&B run
     assert (tmp_path / WANDB_ID_FILE).read_text().strip() == run_id
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed (pip install 'rlvr[wandb]')")
+@pytest.mark.parametrize("loop", [[], ["--max-staleness", "1"]], ids=["sync", "async"])
+def test_train_py_wandb_project_logs_every_step_offline(tmp_path, monkeypatch, loop):
+    """Both loops hand their config to RunLog, so --wandb-project reaches W&B from the command line."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = train_run(tmp_path / "run", "--wandb-project", "rlvr-test", *loop, steps=2)
+    run_id = (out / WANDB_ID_FILE).read_text().strip()
+    (offline,) = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    history = next(offline.glob("run-*.wandb")).read_bytes()  # W&B's own record log, what `wandb sync` uploads
+    assert history.count(b"reward_mean") >= 2 and b"loss" in history  # a row per step, keys as metrics.jsonl's
+    (table,) = offline.glob("files/media/table/samples_2_*.table.json")  # samples.jsonl's step 2 (--samples-every 2)
+    assert json.loads(table.read_text())["data"]

@@ -82,6 +82,10 @@ def test_the_end_of_run_summary_says_where_things_are_and_why_gsm8k_stays_at_zer
     assert f"metrics      {out / 'metrics.jsonl'}" in proc.stdout
     assert f"final model  {out / 'checkpoints' / 'step_000002'}" in proc.stdout
     assert "cannot solve gsm8k" in proc.stdout and "--env arithmetic" in proc.stdout and "--model" in proc.stdout
+    # the run drew its curves on the way out, and says where they are
+    assert f"plots        {out / 'plots'}" in proc.stdout
+    assert (out / "plots" / "reward.png").stat().st_size > 10_000
+    assert f"tensorboard  tensorboard --logdir {out}" in proc.stdout
 
 
 def test_two_small_steps_write_metrics_and_a_checkpoint(two_steps):

@@ -17,8 +17,8 @@ states and checks the bound; ``weight_transport.py`` moves the weights). The lag
 not "at most": which version samples which step does not depend on timing, so a run is
 reproducible, a restarted generator or a resumed run (its checkpoint carries the lagging
 versions) samples exactly what the uninterrupted run did, and ``--eval-every`` evaluates
-the learner's weights in this process without disturbing the schedule. Each process gets ``torch_threads // 2`` threads (at least 1): on two cores,
-one core per role.
+the learner's weights in this process without disturbing the schedule. Each process gets
+``torch_threads // 2`` threads (at least 1): on two cores, one core per role.
 
 The objective (``losses.py``) is by default AReaL's decoupled one (Fu et al. 2025). With
 ``mu`` the policy that sampled (the generator's log-probabilities), ``pi_prox`` the
@@ -116,7 +116,9 @@ def train_async(config: TrainConfig) -> TrainResult:
     checkpoint, done = None, start
     bar = tqdm(total=config.max_steps, initial=start, desc="grpo-async", disable=not config.progress, file=sys.stderr)
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
-    writer = RunLog(config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer)
+    writer = RunLog(
+        config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer, config=config
+    )
     pipeline: _Pipeline | None = None
     try:
         pipeline = _Pipeline(config, learner, start, lagged)

@@ -105,7 +105,8 @@ def train(config: TrainConfig) -> TrainResult:
                file=sys.stderr)  # fmt: skip
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
     resume_step = start if resume_from is not None else None
-    writer = RunLog(config.output_dir, resume_step, config.samples_every, run.tokenizer) if main else None
+    log_args = (config.output_dir, resume_step, config.samples_every, run.tokenizer)
+    writer = RunLog(*log_args, config=config) if main else None
     try:
         for step in range(start + 1, config.max_steps + 1):
             watch, t0 = Stopwatch(), time.perf_counter()
