@@ -9,6 +9,7 @@ or a failing node would. Most runs use a tiny random Qwen2 with a dense reward
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -326,9 +327,42 @@ def test_cluster_ray_without_ray_installed_says_what_to_install(assets, tmp_path
         (["--ray-address", "auto"], "ray_address needs --cluster ray"),
         (["--cluster", "ray", "--num-generators", "3", "--prompts-per-step", "2"], "must be <= prompts_per_step"),
         (["--cluster", "slurm"], "invalid choice: 'slurm'"),
+        (["--cluster", "ray", "--learner-ranks", "2"], "learner_ranks needs --cluster ray and --learner deepspeed"),
+        (["--cluster", "ray", "--learner", "deepspeed", "--learner-ranks", "3"], "must divide the 32 episodes"),
     ],
 )
 def test_bad_cluster_flags_are_usage_errors(flags, message):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *flags, "--print-config"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+# --- the learner as a group of rank actors (DeepSpeed data parallel over gloo) ---------------------
+
+
+@pytest.mark.deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_two_deepspeed_rank_actors_learn_the_synchronous_first_step_and_resume(assets, tmp_path):
+    """2 learner rank actors at ZeRO-2 + 1 generator at eta 0: step 1 is the synchronous loop's step 1."""
+    sync = tmp_path / "sync"
+    args = _train_args(assets, sync, "--max-steps", "1", "--torch-threads", "1")
+    proc = subprocess.run([a for a in args if a not in ("--cluster", "ray")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "ranks"
+    flags = ["--learner", "deepspeed", "--zero-stage", "2", "--learner-ranks", "2", "--max-staleness", "0",
+             "--checkpoint-every", "1", "--torch-threads", "1"]  # fmt: skip
+    proc = subprocess.run(_train_args(assets, out, *flags, "--max-steps", "2"), capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "2 learner ranks ready, process group at" in proc.stderr
+    a, b = read_metrics(sync / "metrics.jsonl")[0], read_metrics(out / "metrics.jsonl")[0]
+    assert a["reward_mean"] == b["reward_mean"] and a["generated_tokens"] == b["generated_tokens"]
+    for key in ("loss", "grad_norm", "policy_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert b["train_sequences"] == 8  # the whole batch's count: both shards were learned
+    assert (out / "checkpoints" / "step_000002" / "deepspeed").is_dir()  # every rank wrote its part
+    proc = subprocess.run(_train_args(assets, out, *flags, "--max-steps", "3", "--resume"), capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]

@@ -152,6 +152,9 @@ class TrainConfig:
     num_generators: int = 1
     """With --cluster ray: generator actors, each with its own engine and environments; the groups
     of every step are split between them (at most prompts_per_step)."""
+    learner_ranks: int = 1
+    """With --cluster ray and --learner deepspeed: data-parallel learner ranks, each a Ray actor
+    (gloo on CPUs, NCCL on GPUs); 1 learns in the train.py process itself."""
 
     # --- evaluation during training (evaluation.py; in the learner process of either loop)
     eval_every: int = 0
@@ -227,6 +230,17 @@ class TrainConfig:
                 f"must be <= prompts_per_step ({self.prompts_per_step}): each generator plays whole groups",
             ),
             ("eval_every", not self.eval_every or self.cluster is None, "is not supported with --cluster ray yet"),
+            ("learner_ranks", self.learner_ranks >= 1, "must be >= 1"),
+            (
+                "learner_ranks",
+                self.learner_ranks == 1 or (self.cluster == "ray" and self.learner == "deepspeed"),
+                "needs --cluster ray and --learner deepspeed (under a launcher: deepspeed or torchrun)",
+            ),
+            (
+                "learner_ranks",
+                (self.prompts_per_step * self.group_size) % self.learner_ranks == 0,
+                f"must divide the {self.prompts_per_step * self.group_size} episodes of a step",
+            ),
             ("generator", self.generator in GENERATORS, f"must be one of {list(GENERATORS)}"),
             ("learner", self.learner in LEARNERS, f"must be one of {list(LEARNERS)}"),
             ("zero_stage", 0 <= self.zero_stage <= 3, "must be 0, 1, 2 or 3"),

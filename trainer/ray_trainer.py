@@ -32,7 +32,9 @@ one for stale batches.
 Where this departs from the one-machine pipeline: weights travel pickled through the
 object store (one ``ray.put`` per step, one copy per actor and version; on GPUs an NCCL
 group between the learner and the engines would avoid the host round trip and is not
-built); the learner runs in the driver process (one rank).
+built). The learner runs in the driver process, or with ``--learner-ranks M`` (DeepSpeed)
+as ``M`` rank actors driven from here (``ray_learner.py``): the driver packs each batch and
+sends every rank its shard, and rank 0's gathered weights go to the store directly.
 
 Invariants of the concurrent code:
 
@@ -67,8 +69,8 @@ from rlvr.trainer.async_trainer import role_threads
 from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig, write_config
-from rlvr.trainer.default_model import load_model
-from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
+from rlvr.trainer.default_model import load_model, load_tokenizer
+from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator, model_source
 from rlvr.trainer.generator_worker import GeneratorError
 from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
 from rlvr.trainer.metrics import RunLog, Stopwatch
@@ -77,6 +79,7 @@ from rlvr.trainer.rollout import RolloutBatch
 from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
 from rlvr.trainer.types import Learner
 from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -85,67 +88,125 @@ def train_ray(config: TrainConfig) -> TrainResult:
     """Run asynchronous GRPO with ``config.num_generators`` generator actors on a Ray cluster."""
     require_ray()  # a usage error before any model loads
     resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
-    learner, tokenizer = _setup_learner(config)
+    tokenizer, local = _setup_driver(config)
     write_config(config)
-    start, lagged = 0, {}
-    if resume_from is not None:
-        start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
+    run = _Session()
     record: dict[str, Any] = {}
-    checkpoint, done = None, start
-    bar = tqdm(total=config.max_steps, initial=start, desc="grpo-ray", disable=not config.progress, file=sys.stderr)
-    writer = RunLog(config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer)
-    cluster: RayCluster | None = None
-    pipeline: _RayPipeline | None = None
+    checkpoint, start = None, 0
     try:
-        cluster = RayCluster(config.ray_address, config.num_generators, _object_store_bytes(config, learner))
-        pipeline = _RayPipeline(cluster, config, learner, start, lagged)
-        step_fn = _StepFn(config, tokenizer.pad_token_id)
-        for step in range(start + 1, config.max_steps + 1):
-            record, rollouts = step_fn(step, pipeline, learner)
-            done = step
-            writer.write(record, rollouts)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
-            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, pipeline.lagged())
-    except GeneratorError:
-        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
-            assert pipeline is not None  # a GeneratorError comes from the pipeline
-            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config, pipeline.lagged())
-            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
-        raise
+        run.cluster = RayCluster(config.ray_address, _cpus(config), _object_store_bytes(config))
+        learner = local if local is not None else run.learner_group(config)
+        lagged: dict[int, Any] = {}
+        if resume_from is not None:
+            start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
+        run.writer = RunLog(config.output_dir, start if resume_from else None, config.samples_every, tokenizer)
+        run.bar = tqdm(total=config.max_steps, initial=start, desc="grpo-ray", disable=not config.progress,
+                       file=sys.stderr)  # fmt: skip
+        run.pipeline = _RayPipeline(run.cluster, config, learner, start, lagged)
+        record, checkpoint = _run_steps(config, run, learner, tokenizer, start)
     finally:
-        if pipeline is not None:
-            pipeline.close()  # invariant 4: on every path
-        if cluster is not None:
-            cluster.close()
-        writer.close()
-        bar.close()
+        run.close()  # invariant 4: on every path
     if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
         checkpoint = resolve_resume("latest", config.output_dir)
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
     return TrainResult(max(start, config.max_steps), metrics_path, checkpoint, record)
 
 
-def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
+def _run_steps(
+    config: TrainConfig, run: _Session, learner: Learner, tokenizer: Any, start: int
+) -> tuple[dict[str, Any], Path | None]:
+    """Run steps ``start + 1 .. max_steps``: learn, log, checkpoint (on a generator failure, the last one)."""
+    assert run.pipeline is not None and run.writer is not None and run.bar is not None
+    step_fn = _StepFn(config, tokenizer.pad_token_id, group=run.group is not None)
+    record: dict[str, Any] = {}
+    checkpoint, done = None, start
+    try:
+        for step in range(start + 1, config.max_steps + 1):
+            record, rollouts = step_fn(step, run.pipeline, learner)
+            done = step
+            run.writer.write(record, rollouts)
+            run.bar.update(1)
+            run.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
+            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                lagged = run.pipeline.lagged()
+                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged)
+    except GeneratorError:
+        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
+            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config, run.pipeline.lagged())
+            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
+        raise
+    return record, checkpoint
+
+
+@dataclass
+class _Session:
+    """What a run holds on the cluster, released together by ``close``."""
+
+    cluster: RayCluster | None = None
+    group: Any = None
+    """The ``RayLearnerGroup`` with --learner-ranks > 1."""
+    pipeline: _RayPipeline | None = None
+    writer: RunLog | None = None
+    bar: Any = None
+
+    def learner_group(self, config: TrainConfig) -> Learner:
+        from rlvr.trainer.ray_learner import RayLearnerGroup  # imports Ray: only here
+
+        assert self.cluster is not None
+        self.group = RayLearnerGroup(self.cluster, config, role_threads(config), _gpus(config, self.cluster))
+        return self.group
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.group is not None:
+            self.group.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _setup_driver(config: TrainConfig) -> tuple[Any, Learner | None]:
+    """Check the run, load the tokenizer; build the learner here unless it is a group of rank actors."""
     seed_everything(config.seed)
     if role_threads(config) > 0:
         torch.set_num_threads(role_threads(config))
     make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
     device = resolve_device(config.device)
-    _, world = learner_ranks(config, device)
-    if world > 1:
-        raise EngineError(f"--cluster ray runs its learner in the driver, not under a launcher ({world} processes)")
     choice = choose_generator(config.generator, device)  # checked here; built in every actor
     logger.info("generator: %s (%s), in %d Ray actor(s)", choice.kind, choice.reason, config.num_generators)
+    if config.learner_ranks > 1:
+        logger.info("learner: %s, %d Ray actor ranks", config.learner, config.learner_ranks)
+        return load_tokenizer(config.model), None
+    _, world = learner_ranks(config, device)
+    if world > 1:
+        raise EngineError(
+            f"--cluster ray places its learner ranks itself (--learner-ranks), not under a launcher ({world} processes)"
+        )
     model, tokenizer = load_model(config.model)
     model.to(device)
-    return build_learner(config, model, device, objective=config.objective or "decoupled"), tokenizer
+    return tokenizer, build_learner(config, model, device, objective=config.objective or "decoupled")
 
 
-def _object_store_bytes(config: TrainConfig, learner: Learner) -> int:
-    """Object store a local Ray needs: ``eta + 3`` weight versions, and room for the rollouts."""
-    weights = sum(t.numel() * t.element_size() for t in learner.weights_for_generation().values())
+def _cpus(config: TrainConfig) -> int:
+    """Logical CPUs the run's actors ask for: one per generator and per learner rank actor."""
+    return config.num_generators + (config.learner_ranks if config.learner_ranks > 1 else 0)
+
+
+def _gpus(config: TrainConfig, cluster: RayCluster) -> bool:
+    """Whether the actors take a GPU each: the run's device is CUDA and the cluster has one for every actor."""
+    return resolve_device(config.device).type == "cuda" and cluster.gpus() >= _cpus(config)
+
+
+def _object_store_bytes(config: TrainConfig) -> int:
+    """Object store a local Ray needs: ``eta + 3`` weight versions (fp32, counted on a meta-device model), rollouts."""
+    model_config = AutoConfig.from_pretrained(model_source(config.model))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    weights = sum(p.numel() * 4 for p in model.parameters())
     return ((config.max_staleness or 0) + 3) * weights + 64 * 2**20
 
 
@@ -162,11 +223,16 @@ class _Step:
 class _StepFn:
     """One training step: take the step's batch, learn from it, publish; return its metrics and rollouts."""
 
-    def __init__(self, config: TrainConfig, pad_id: int):
+    def __init__(self, config: TrainConfig, pad_id: int, group: bool):
         self.config, self.pad_id = config, pad_id
         objective = config.objective or "decoupled"
-        self.stale = build_loss_fn(config, objective)
-        self.on_policy = build_loss_fn(config, objective, on_policy=True)  # mu is pi_prox: GRPO bit for bit
+        stale = build_loss_fn(config, objective)
+        on_policy = build_loss_fn(config, objective, on_policy=True)  # mu is pi_prox: GRPO bit for bit
+        # Chosen once: a local learner takes the loss function, the rank actors build their own and take a flag.
+        if group:
+            self.learn = lambda learner, batch, fresh: learner.step(batch, on_policy=fresh)
+        else:
+            self.learn = lambda learner, batch, fresh: learner.step(batch, loss_fn=on_policy if fresh else stale)
 
     def __call__(self, step: int, pipeline: _RayPipeline, learner: Learner) -> tuple[dict[str, Any], RolloutBatch]:
         config, watch, t0 = self.config, Stopwatch(), time.perf_counter()
@@ -178,7 +244,7 @@ class _StepFn:
         batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], self.pad_id, config.mask_truncated)
         staleness = [learner.version - v for e in rollouts.episodes for v in e.versions]
         with watch.time("learning"):
-            learned = learner.step(batch, loss_fn=self.on_policy if max(staleness) == 0 else self.stale)
+            learned = self.learn(learner, batch, max(staleness) == 0)
         with watch.time("publish"):
             pipeline.publish(learner)
         step_seconds = time.perf_counter() - t0
@@ -214,9 +280,7 @@ class _RayPipeline:
         self.weights: dict[int, Any] = {}  # version -> ObjectRef of its weights
         self.partial: dict[int, dict[int, Any]] = {}  # step -> shard -> ShardResult
         self.next_send = start + 1
-        device = resolve_device(config.device)
-        gpus = device.type == "cuda" and cluster.gpus() >= config.num_generators
-        self.pool = GeneratorPool(cluster, config, role_threads(config), gpus)
+        self.pool = GeneratorPool(cluster, config, role_threads(config), _gpus(config, cluster))
         for version, weights in sorted(lagged.items()):  # a resumed run's older versions, from its checkpoint
             if version < learner.version:
                 self.weights[version] = self.ray.put(weights)
@@ -225,7 +289,9 @@ class _RayPipeline:
 
     def publish(self, learner: Learner) -> None:
         """Put the learner's weights in the object store as its version; send the steps they admit."""
-        self.weights[learner.version] = self.ray.put(learner.weights_for_generation())
+        # A rank group hands out rank 0's copy in the store; a local learner's weights are put from here.
+        put = getattr(learner, "weights_ref", None)
+        self.weights[learner.version] = put() if put is not None else self.ray.put(learner.weights_for_generation())
         self.version = learner.version
         oldest = self.admission.min_version(self.buffer.next_step)
         for v in [v for v in self.weights if v < oldest and v != learner.version]:
