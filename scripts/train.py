@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlvr.trainer.engines import EngineError
     from rlvr.trainer.generator_worker import GeneratorError
 
+    failures: tuple[type[Exception], ...] = (GeneratorError,)  # the other side of the run failed: exit 1
+    if config.cluster == "ray":
+        from rlvr.trainer.ray_learner import RayLearnerError
+
+        failures += (RayLearnerError,)
     start = time.perf_counter()
     try:
         result = train(config)
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         # no (whole) checkpoint to resume, unknown --env, engines that cannot run as asked: usage errors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except GeneratorError as e:
+    except failures as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

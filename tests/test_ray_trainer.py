@@ -30,6 +30,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rlvr
 
 from rlvr.trainer import ray_cluster  # noqa: E402 - after the skip: it needs Ray
 from rlvr.trainer.ray_actors import RayGeneratorError, shard_groups, shard_seed  # noqa: E402
+from rlvr.trainer.ray_learner import RayLearnerError  # noqa: E402
 from rlvr.trainer.ray_trainer import train_ray  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -74,8 +75,12 @@ def assets(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One small local Ray for the in-process tests; train_ray uses it and leaves it running."""
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    """One small local Ray for the in-process tests; train_ray uses it and leaves it running.
+
+    Three logical CPUs: room for two learner ranks and a generator (Ray's CPUs are a count
+    of slots, not cores: the machine may have two).
+    """
+    ray.init(num_cpus=3, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -215,8 +220,8 @@ def test_an_env_error_in_an_actor_surfaces_with_its_traceback(local_ray, assets,
 
 def test_a_cluster_too_small_for_the_generators_is_an_error_not_a_wait(local_ray, assets, tmp_path, monkeypatch):
     monkeypatch.setattr(ray_cluster, "PLACEMENT_TIMEOUT", 3.0)
-    config = _config(assets, tmp_path, prompts_per_step=3, num_generators=3)
-    with pytest.raises(ray_cluster.EngineError, match=r"cannot place the generator actors \(3 x \{'CPU': 1.0\}\)"):
+    config = _config(assets, tmp_path, prompts_per_step=4, num_generators=4)
+    with pytest.raises(ray_cluster.EngineError, match=r"cannot place the generator actors \(4 x \{'CPU': 1.0\}\)"):
         train_ray(config)
     assert _named_actors() == []
 
@@ -366,3 +371,17 @@ def test_two_deepspeed_rank_actors_learn_the_synchronous_first_step_and_resume(a
                           text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_a_killed_learner_rank_stops_the_run_naming_it(local_ray, assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=500, learner="deepspeed", learner_ranks=2, max_staleness=1)
+    watcher = _kill_after(tmp_path / "metrics.jsonl", 2, "rlvr-learner-1")
+    start = time.monotonic()
+    with pytest.raises(RayLearnerError, match=r"learner rank rlvr-learner-1 \(pid \d+ on .*\) died in \w+") as e:
+        train_ray(config)
+    watcher.join()
+    assert "ray.kill" in str(e.value)
+    assert time.monotonic() - start < 120  # rank 0, left alone in a collective, did not hold the run
+    assert _named_actors() == []

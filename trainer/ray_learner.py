@@ -49,6 +49,7 @@ from rlvr.trainer.ray_cluster import Place, RayCluster, here
 logger = logging.getLogger(__name__)
 
 _POLL = 0.2
+_GRACE = 5.0  # seconds to let the other ranks' failures arrive once one rank failed
 _SETUP_TIMEOUT = 600.0  # seconds for every rank to load the model and join the process group
 
 
@@ -161,21 +162,35 @@ class RayLearnerGroup:
 
     def _all(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
         """Wait for every rank's result, a short wait at a time; a failed rank is a RayLearnerError."""
-        pending = set(refs)
+        pending, failed = list(refs), {}
         waited = 0.0
-        while pending:
-            done, _ = self.ray.wait(list(pending), num_returns=len(pending), timeout=_POLL)
-            for ref in done:
-                pending.discard(ref)
-                try:
-                    self.ray.get(ref)
-                except self.ray.exceptions.RayError as e:
-                    who = self.places[refs.index(ref)] if len(refs) == self.world else None
-                    raise RayLearnerError(f"learner rank {who or 'of the group'} failed in {what}: {e}") from None
+        while pending and not failed:
+            done, pending = self.ray.wait(pending, num_returns=len(pending), timeout=_POLL)
+            failed = self._errors(refs, done)
             waited += _POLL
             if timeout is not None and pending and waited > timeout:
                 raise RayLearnerError(f"the learner ranks did not finish {what} within {timeout:.0f} s")
+        if failed:
+            # When one rank dies, the others fail in their collective a moment later: wait a
+            # little for those, so that the dead rank is the one named, not a survivor.
+            done, _ = self.ray.wait(pending, num_returns=len(pending), timeout=_GRACE) if pending else ([], [])
+            failed |= self._errors(refs, done)
+            died = [i for i, e in failed.items() if isinstance(e, self.ray.exceptions.RayActorError)]
+            i = min(died or failed)
+            who = self.places[i] if len(refs) == self.world else None
+            verb = "died" if died else "failed"
+            raise RayLearnerError(f"learner rank {who or 'of the group'} {verb} in {what}: {failed[i]}")
         return self.ray.get(refs)
+
+    def _errors(self, refs: list[Any], done: list[Any]) -> dict[int, Exception]:
+        """Return the errors among ``done``, by position in ``refs``."""
+        errors = {}
+        for ref in done:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError as e:
+                errors[refs.index(ref)] = e
+        return errors
 
     def close(self) -> None:
         for rank in self.ranks:
