@@ -42,6 +42,15 @@ s/step, sync 2 threads 0.288, async eta=0 0.440, eta=1 0.228, eta=2 0.230, eta=4
 1.89x the 1-thread loop and 1.26x the 2-thread loop at eta=1; learner idle 0.00,
 generator idle 0.20 (eta=1) to 0.04 (eta=4).
 
+The Ray rows were measured on the same VM shared with two other jobs (1-minute load 3.4-3.7
+during them: wall times are only comparable within one invocation): sync 1 thread 0.446
+s/step, async eta=1 0.501, ray 1 generator 0.480, ray 2 generators 0.532 (three one-thread
+roles on two loaded cores; learner idle 0.43-0.48 against 0.03 for the pipeline). Moving
+the weights per step (``weights ms``: publish + receive, the slowest actor's receive for
+Ray) costs 6.6 ms through shared memory, 19.9 ms through Ray's object store with one
+generator and 50.3 ms with two, for the 3.7 MB model: a ``ray.put`` of the pickled state
+dict, and each actor's ``ray.get`` and copy into its model.
+
 Timings on a shared machine are meaningless: the script samples the 1-minute load
 average every second during each run and prints its mean and max per run (the bench
 itself puts about 1 on it, 2 for the pipeline); run it on an otherwise idle machine.
@@ -83,6 +92,8 @@ class Run:
     learner_idle: float = float("nan")
     generator_idle: float = float("nan")
     staleness: float = float("nan")
+    weights_ms: float = float("nan")
+    """Mean milliseconds per step moving weights: the sync loop's update, or publish + receive of a pipeline."""
     load_mean: float = float("nan")
     """Mean of the 1-minute load average sampled during the run."""
     load_max: float = float("nan")
@@ -129,6 +140,9 @@ def _measure(name: str, config: TrainConfig, warmup: int) -> Run:
         gen_wall = sum(r["time/generator_wait"] + r["time/weight_receive"] + r["time/generator_busy"] for r in steady)
         run.generator_idle = sum(r["time/generator_wait"] for r in steady) / gen_wall
         run.staleness = statistics.fmean(r["staleness_mean"] for r in steady)
+        run.weights_ms = 1e3 * statistics.fmean(r["time/weight_publish"] + r["time/weight_receive"] for r in steady)
+    elif "time/weight_sync" in steady[0]:
+        run.weights_ms = 1e3 * statistics.fmean(r["time/weight_sync"] for r in steady)
     return run
 
 
@@ -238,7 +252,7 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
     print(f"sync 1 thread stages per step: generation {base.generation:.3f} s, learning {base.learning:.3f} s\n")
     header = (
         f"{'run':<20}{'wall s':>8}{'steady s':>10}{'s/step':>8}{'speed-up':>10}"
-        f"{'vs sync2':>10}{'learner idle':>14}{'gen idle':>10}{'staleness':>11}{'load mean/max':>15}"
+        f"{'vs sync2':>10}{'learner idle':>14}{'gen idle':>10}{'staleness':>11}{'weights ms':>11}{'load mean/max':>15}"
     )
     print(header)
     print("-" * len(header))
@@ -250,9 +264,11 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
         stale = "" if sync else f"{r.staleness:>11.2f}"
         print(
             f"{r.name:<20}{r.wall:>8.1f}{r.steady:>10.2f}{r.steady / steady_steps:>8.3f}"
-            f"{base.steady / r.steady:>10.2f}{vs2}{idle}{stale}{r.load_mean:>9.2f}/{r.load_max:.2f}"
+            f"{base.steady / r.steady:>10.2f}{vs2}{idle}{stale}{r.weights_ms:>11.1f}"
+            f"{r.load_mean:>9.2f}/{r.load_max:.2f}"
         )
     print("\nspeed-up = steady time of 'sync, 1 thread' / steady time of the run; 'vs sync2' likewise.")
+    print("weights ms = per step: the sync loop's weight update; a pipeline's publish + receive (Ray: slowest actor).")
 
 
 if __name__ == "__main__":
