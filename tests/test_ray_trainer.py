@@ -164,6 +164,12 @@ def test_a_resumed_run_samples_what_the_uninterrupted_one_did(two_generators, as
         assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
 
 
+def test_eval_every_evaluates_in_the_driver(local_ray, assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=2, max_staleness=1, eval_every=1, eval_limit=4)
+    records = read_metrics(train_ray(config).metrics_path)
+    assert all(0.0 <= r["eval/pass@1"] <= 1.0 and "eval/reward_mean" in r for r in records)
+
+
 def _kill_after(metrics: Path, lines: int, name: str) -> threading.Thread:
     """In the background: once ``metrics`` has ``lines`` lines, ``ray.kill`` the actor called ``name``."""
 

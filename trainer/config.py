@@ -229,7 +229,6 @@ class TrainConfig:
                 self.num_generators <= self.prompts_per_step,
                 f"must be <= prompts_per_step ({self.prompts_per_step}): each generator plays whole groups",
             ),
-            ("eval_every", not self.eval_every or self.cluster is None, "is not supported with --cluster ray yet"),
             ("learner_ranks", self.learner_ranks >= 1, "must be >= 1"),
             (
                 "learner_ranks",

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.async_trainer import role_threads
+from rlvr.trainer.async_trainer import _LearnerEval, role_threads  # private: see the note in the issue 11 report
 from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig, write_config
@@ -118,12 +118,15 @@ def _run_steps(
     """Run steps ``start + 1 .. max_steps``: learn, log, checkpoint (on a generator failure, the last one)."""
     assert run.pipeline is not None and run.writer is not None and run.bar is not None
     step_fn = _StepFn(config, tokenizer.pad_token_id, group=run.group is not None)
+    evaluate = _LearnerEval.build(config, learner, tokenizer)  # --eval-every: greedy, in the driver
     record: dict[str, Any] = {}
     checkpoint, done = None, start
     try:
         for step in range(start + 1, config.max_steps + 1):
             record, rollouts = step_fn(step, run.pipeline, learner)
             done = step
+            if evaluate is not None and step % config.eval_every == 0:
+                record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generators run on
             run.writer.write(record, rollouts)
             run.bar.update(1)
             run.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
@@ -281,11 +284,15 @@ class _RayPipeline:
         self.partial: dict[int, dict[int, Any]] = {}  # step -> shard -> ShardResult
         self.next_send = start + 1
         self.pool = GeneratorPool(cluster, config, role_threads(config), _gpus(config, cluster))
-        for version, weights in sorted(lagged.items()):  # a resumed run's older versions, from its checkpoint
-            if version < learner.version:
-                self.weights[version] = self.ray.put(weights)
         self.version = learner.version
-        self.publish(learner)
+        try:
+            for version, weights in sorted(lagged.items()):  # a resumed run's older versions, from its checkpoint
+                if version < learner.version:
+                    self.weights[version] = self.ray.put(weights)
+            self.publish(learner)
+        except BaseException:
+            self.pool.close()  # the session holds no pipeline yet: close the actors here
+            raise
 
     def publish(self, learner: Learner) -> None:
         """Put the learner's weights in the object store as its version; send the steps they admit."""
