@@ -189,7 +189,7 @@ def _kill_after(metrics: Path, lines: int, name: str) -> threading.Thread:
 def test_a_killed_generator_is_replaced_and_its_groups_regenerated(two_generators, assets, tmp_path):
     config = _config(assets, tmp_path, max_steps=6, prompts_per_step=4, num_generators=2, max_staleness=1,
                      generator_restarts=1)  # fmt: skip
-    watcher = _kill_after(tmp_path / "metrics.jsonl", 2, "rlvr-generator-1")
+    watcher = _kill_after(tmp_path / "metrics.jsonl", 1, "rlvr-generator-1")  # 5 steps still to go
     result = train_ray(config)
     watcher.join()
     records = read_metrics(result.metrics_path)
