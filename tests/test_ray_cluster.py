@@ -99,6 +99,11 @@ def test_train_py_joins_a_two_node_cluster_and_leaves_it_as_it_found_it(tmp_path
             except subprocess.TimeoutExpired:
                 node.kill()
                 node.wait()
+    # `ray start` records the head for later `ray.init()` calls and SIGTERM does not remove it (`ray stop`
+    # would, but stops every Ray on the machine): drop the record of this test's head.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(":" + address.split(":")[1]):
+        current.unlink()
     deadline = time.monotonic() + 20
     while [p for p in started if _alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)

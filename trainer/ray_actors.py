@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,11 @@ class GeneratorActor:
         self.tokenizer = load_tokenizer(config.model)
         device = resolve_device(config.device)
         choice = choose_generator(config.generator, device)
+        if choice.kind == "vllm" and device.type == "cpu" and threads > 0:
+            # vLLM's CPU build pins its OpenMP threads (engines.vllm_settings: cores 0..threads-1);
+            # actors sharing a node would all pin to core 0, so each takes its own cores.
+            first = (shard * threads) % max(1, (os.cpu_count() or 1) - threads + 1)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{first + threads - 1}")
         self.generator = build_generator(
             choice, config.model, self.tokenizer, device, seed=config.seed, threads=threads
         )

@@ -7,9 +7,10 @@ Ray is an optional extra (``pip install 'rlvr[ray]'``): nothing outside ``ray_*.
 imports it, and these modules import it only inside :func:`require_ray`, so a missing
 Ray is a usage error that says what to install, never an ``ImportError`` at start-up.
 
-:class:`RayCluster` is the run's hold on Ray. With ``--ray-address`` it joins that cluster;
-without, it starts a local one sized for the run (logical CPUs: the machine's, or as many
-as the run's actors ask for), with a small object store and no dashboard. It shuts Ray
+:class:`RayCluster` is the run's hold on Ray. With ``--ray-address`` (or ``RAY_ADDRESS``,
+which ``ray job submit`` sets) it joins that cluster; without, it starts a local one sized
+for the run (logical CPUs: the machine's, or as many as the run's actors ask for), with a
+small object store and no dashboard, even where a ``ray start`` cluster runs. It shuts Ray
 down at the end only if it started it; a cluster it joined, or a Ray the caller had
 already initialised, is left running, and only the run's own actors are killed.
 
@@ -85,7 +86,8 @@ class RayCluster:
         else:
             cpus = max(os.cpu_count() or 1, num_cpus)
             store = max(LOCAL_OBJECT_STORE_MIN, object_store_bytes)
-            self.ray.init(num_cpus=cpus, object_store_memory=store, include_dashboard=False, **common)
+            # address="local": a new Ray even where `ray start` left /tmp/ray/ray_current_cluster behind.
+            self.ray.init("local", num_cpus=cpus, object_store_memory=store, include_dashboard=False, **common)
             logger.info("ray: started a local Ray (%d logical CPUs, %d MB object store)", cpus, store >> 20)
         self.owned = True
 
