@@ -34,7 +34,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """Pids of the live processes under ``pid`` (from /proc), ``pid`` included."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -52,7 +52,7 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -89,7 +89,7 @@ def test_train_py_joins_a_two_node_cluster_and_leaves_it_as_it_found_it(tmp_path
             capture_output=True, text=True, timeout=120, env=env,
         )  # fmt: skip
         assert "actors: []" in check.stdout, check.stderr[-3000:]
-        started = [p for node in nodes for p in _tree(node.pid)]
+        started = [p for node in nodes for p in process_tree(node.pid)]
     finally:
         for node in nodes:
             node.terminate()  # `ray start --block` stops its node's processes on SIGTERM
@@ -105,6 +105,6 @@ def test_train_py_joins_a_two_node_cluster_and_leaves_it_as_it_found_it(tmp_path
     if current.exists() and current.read_text().strip().endswith(":" + address.split(":")[1]):
         current.unlink()
     deadline = time.monotonic() + 20
-    while [p for p in started if _alive(p)] and time.monotonic() < deadline:
+    while [p for p in started if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [p for p in started if _alive(p)] == []
+    assert [p for p in started if alive(p)] == []

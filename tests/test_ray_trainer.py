@@ -32,6 +32,7 @@ from rlvr.trainer import ray_cluster  # noqa: E402 - after the skip: it needs Ra
 from rlvr.trainer.ray_actors import RayGeneratorError, shard_groups, shard_seed  # noqa: E402
 from rlvr.trainer.ray_learner import RayLearnerError  # noqa: E402
 from rlvr.trainer.ray_trainer import train_ray  # noqa: E402
+from test_ray_cluster import alive, process_tree  # noqa: E402 - a sibling: pytest puts tests/ on sys.path
 
 pytestmark = pytest.mark.ray
 
@@ -253,34 +254,6 @@ def test_generator_actors_run_vllm_engines(tmp_path):
 # --- scripts/train.py: the flags, and what a run leaves behind ------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    """Pids of every live process under ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat:
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, frontier = [], [pid]
-    while frontier:
-        kids = children.get(frontier.pop(), [])
-        found += kids
-        frontier += kids
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def _train_args(assets: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, str(ROOT / "scripts" / "train.py"), "--env", f"{assets / 'envs.py'}:LengthEnv",
@@ -299,7 +272,7 @@ def test_sigint_stops_train_py_and_every_ray_process_within_seconds(assets, tmp_
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no step finished in 180 s"
             time.sleep(0.1)
-        children = _descendants(proc.pid)
+        children = process_tree(proc.pid)[1:]
         assert len(children) >= 4  # Ray's own processes and the two actors
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -312,9 +285,9 @@ def test_sigint_stops_train_py_and_every_ray_process_within_seconds(assets, tmp_
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted" in stderr and took < 30
     deadline = time.monotonic() + 10
-    while [p for p in children if _alive(p)] and time.monotonic() < deadline:
+    while [p for p in children if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [p for p in children if _alive(p)] == []
+    assert [p for p in children if alive(p)] == []
 
 
 def test_train_py_without_the_flag_never_imports_ray(tmp_path):
