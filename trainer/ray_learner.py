@@ -146,7 +146,7 @@ class RayLearnerGroup:
     def weights_ref(self) -> Any:
         """Return an ObjectRef of the full weights, gathered by rank 0 (collective on the ranks)."""
         refs = [rank.weights.remote() for rank in self.ranks]
-        self._all(refs[1:], "weights")  # the others' {}: waits until the collective is through
+        self._all(refs[1:], "weights", first_rank=1)  # the others' {}: the collective is through
         return refs[0]
 
     def weights_for_generation(self) -> dict[str, torch.Tensor]:
@@ -160,8 +160,8 @@ class RayLearnerGroup:
 
     # --- waiting and teardown ------------------------------------------------------------
 
-    def _all(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
-        """Wait for every rank's result, a short wait at a time; a failed rank is a RayLearnerError."""
+    def _all(self, refs: list[Any], what: str, timeout: float | None = None, first_rank: int = 0) -> list[Any]:
+        """Wait for the results of ranks ``first_rank ..`` a short wait at a time; a failure is a RayLearnerError."""
         pending, failed = list(refs), {}
         waited = 0.0
         while pending and not failed:
@@ -177,7 +177,7 @@ class RayLearnerGroup:
             failed |= self._errors(refs, done)
             died = [i for i, e in failed.items() if isinstance(e, self.ray.exceptions.RayActorError)]
             i = min(died or failed)
-            who = self.places[i] if len(refs) == self.world else None
+            who = self.places[first_rank + i]
             verb = "died" if died else "failed"
             raise RayLearnerError(f"learner rank {who or 'of the group'} {verb} in {what}: {failed[i]}")
         return self.ray.get(refs)
