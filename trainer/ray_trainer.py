@@ -99,7 +99,8 @@ def train_ray(config: TrainConfig) -> TrainResult:
         lagged: dict[int, Any] = {}
         if resume_from is not None:
             start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
-        run.writer = RunLog(config.output_dir, start if resume_from else None, config.samples_every, tokenizer)
+        resume_step = start if resume_from else None
+        run.writer = RunLog(config.output_dir, resume_step, config.samples_every, tokenizer, config=config)
         run.bar = tqdm(total=config.max_steps, initial=start, desc="grpo-ray", disable=not config.progress,
                        file=sys.stderr)  # fmt: skip
         run.pipeline = _RayPipeline(run.cluster, config, learner, start, lagged)
