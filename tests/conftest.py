@@ -1,9 +1,46 @@
-"""Fixtures shared by the sandbox test files: the isolation levels that work on this machine."""
+"""Fixtures shared by several test files: the sandbox isolation levels that work on this machine,
+and the tiny random model with a dense-reward environment the pipeline tests train on."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.verifiers.sandbox import ISOLATION_LEVELS, SandboxError, run_in_sandbox
+
+ENV_SOURCE = '''
+from rlvr.envs.arithmetic import ArithmeticEnv
+from rlvr.verifiers.types import Verdict
+
+
+class LengthEnv(ArithmeticEnv):
+    """Arithmetic prompts, reward = completion length / 40: dense, so a random model has gradients."""
+
+    def verify(self, completion, task):
+        return Verdict(score=min(1.0, len(completion) / 40), reason="length")
+
+
+class FailingEnv(LengthEnv):
+    """Raises inside the generator (process or actor) on its third episode."""
+
+    def verify(self, completion, task):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls >= 3:
+            raise RuntimeError("verifier exploded on purpose")
+        return super().verify(completion, task)
+'''
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """A tiny random model folder (``tiny/``) and the env file above (``envs.py``: LengthEnv, FailingEnv)."""
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = build_tokenizer()
+    build_tiny_model(tokenizer, seed=0, **TEST_SIZE.__dict__).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "envs.py").write_text(ENV_SOURCE)
+    return root
 
 
 def _unavailable(level: str) -> str | None:

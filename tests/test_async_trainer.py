@@ -20,7 +20,6 @@ import pytest
 import torch
 from rlvr.trainer.async_trainer import train_async
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.trainer.generator_worker import GeneratorError
 from rlvr.trainer.grpo import train
 from rlvr.trainer.metrics import read_metrics
@@ -28,38 +27,6 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ENV_SOURCE = '''
-from rlvr.envs.arithmetic import ArithmeticEnv
-from rlvr.verifiers.types import Verdict
-
-
-class LengthEnv(ArithmeticEnv):
-    """Arithmetic prompts, reward = completion length / 40: dense, so a random model has gradients."""
-
-    def verify(self, completion, task):
-        return Verdict(score=min(1.0, len(completion) / 40), reason="length")
-
-
-class FailingEnv(LengthEnv):
-    """Raises inside the generator process on its third episode."""
-
-    def verify(self, completion, task):
-        self.calls = getattr(self, "calls", 0) + 1
-        if self.calls >= 3:
-            raise RuntimeError("verifier exploded on purpose")
-        return super().verify(completion, task)
-'''
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
-    """A tiny random model folder and the env file above."""
-    root = tmp_path_factory.mktemp("async_assets")
-    tokenizer = build_tokenizer()
-    build_tiny_model(tokenizer, seed=0, **TEST_SIZE.__dict__).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    (root / "envs.py").write_text(ENV_SOURCE)
-    return root
 
 
 def _config(assets: Path, out: Path, **overrides) -> TrainConfig:

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.trainer.grpo import train
 from rlvr.trainer.metrics import read_metrics
 from safetensors.torch import load_file
@@ -38,40 +37,7 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ENV_SOURCE = '''
-from rlvr.envs.arithmetic import ArithmeticEnv
-from rlvr.verifiers.types import Verdict
-
-
-class LengthEnv(ArithmeticEnv):
-    """Arithmetic prompts, reward = completion length / 40: dense, so a random model has gradients."""
-
-    def verify(self, completion, task):
-        return Verdict(score=min(1.0, len(completion) / 40), reason="length")
-
-
-class FailingEnv(LengthEnv):
-    """Raises inside a generator actor on its third episode."""
-
-    def verify(self, completion, task):
-        self.calls = getattr(self, "calls", 0) + 1
-        if self.calls >= 3:
-            raise RuntimeError("verifier exploded on purpose")
-        return super().verify(completion, task)
-'''
-
 REWARD_KEYS = ("reward_mean", "reward_std", "zero_spread_fraction", "completion_length_mean", "loss", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
-    """A tiny random model folder and the env file above."""
-    root = tmp_path_factory.mktemp("ray_assets")
-    tokenizer = build_tokenizer()
-    build_tiny_model(tokenizer, seed=0, **TEST_SIZE.__dict__).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    (root / "envs.py").write_text(ENV_SOURCE)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def train_async(config: TrainConfig) -> TrainResult:
     learner, tokenizer = _setup_learner(config)
     write_config(config)  # one learner rank (checked in _setup_learner)
     losses = _losses(config)
-    evaluate = _LearnerEval.build(config, learner, tokenizer)
+    evaluate = LearnerEval.build(config, learner, tokenizer)
     start, lagged = 0, {}
     if resume_from is not None:
         start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
@@ -188,7 +188,7 @@ def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
 
 
 @dataclass
-class _LearnerEval:
+class LearnerEval:
     """``--eval-every`` in the learner process: greedy pass@1 of the learner's current weights.
 
     The learner evaluates, not the generator process: there the weights run ``eta`` steps
@@ -205,7 +205,7 @@ class _LearnerEval:
     copy: bool
 
     @classmethod
-    def build(cls, config: TrainConfig, learner: Learner, tokenizer: Any) -> _LearnerEval | None:
+    def build(cls, config: TrainConfig, learner: Learner, tokenizer: Any) -> LearnerEval | None:
         evaluate = training_eval(config)
         if evaluate is None:
             return None
@@ -246,22 +246,57 @@ def _train_step(
     with watch.time("publish"):
         pipeline.publish(learner)
     step_seconds = time.perf_counter() - t0
-    generator_seconds = message.wait_seconds + message.receive_seconds + message.busy_seconds
     record = step_record(step, rollouts, learned, watch.seconds["learning"], step_seconds)
     record |= staleness_metrics(staleness, config.max_staleness or 0)
-    record |= {
-        "policy_version": float(item.version),
-        "time/wait_rollouts": watch.seconds["wait"],
-        "time/weight_publish": watch.seconds["publish"],
-        "time/weight_receive": message.receive_seconds,
-        "time/generator_wait": message.wait_seconds,
-        "time/generator_busy": message.busy_seconds,
-        "async/learner_idle_fraction": watch.seconds["wait"] / max(step_seconds, 1e-9),
-        "async/generator_idle_fraction": message.wait_seconds / max(generator_seconds, 1e-9),
-        "async/buffered_batches": float(len(pipeline.buffer)),
-        "async/generator_restarts": float(pipeline.restarts),
-    }
+    record |= pipeline_metrics(
+        version=item.version,
+        learner=watch.seconds,
+        step_seconds=step_seconds,
+        generator=GeneratorSeconds(message.wait_seconds, message.receive_seconds, message.busy_seconds),
+        buffered=len(pipeline.buffer),
+        restarts=pipeline.restarts,
+    )
     return record, rollouts
+
+
+@dataclass(frozen=True)
+class GeneratorSeconds:
+    """Where the generator side's time for one batch went (several generators: a summary of theirs)."""
+
+    wait: float
+    """Waiting for admissible weights: generator idle."""
+    receive: float
+    """Copying new weights into the engine."""
+    busy: float
+    """Playing the batch: sampling and environments."""
+
+
+def pipeline_metrics(
+    *,
+    version: int,
+    learner: dict[str, float],
+    step_seconds: float,
+    generator: GeneratorSeconds,
+    buffered: int,
+    restarts: int,
+) -> dict[str, float]:
+    """Return the pipeline's own keys of a step's metrics record; one place for both pipelines (here, Ray).
+
+    ``learner`` holds the learner's ``wait`` (for the batch) and ``publish`` seconds of the step.
+    """
+    generator_seconds = generator.wait + generator.receive + generator.busy
+    return {
+        "policy_version": float(version),
+        "time/wait_rollouts": learner["wait"],
+        "time/weight_publish": learner["publish"],
+        "time/weight_receive": generator.receive,
+        "time/generator_wait": generator.wait,
+        "time/generator_busy": generator.busy,
+        "async/learner_idle_fraction": learner["wait"] / max(step_seconds, 1e-9),
+        "async/generator_idle_fraction": generator.wait / max(generator_seconds, 1e-9),
+        "async/buffered_batches": float(buffered),
+        "async/generator_restarts": float(restarts),
+    }
 
 
 class _Pipeline:

@@ -138,8 +138,9 @@ class TrainConfig:
     is_mode: str = field(default="truncate", metadata={"choices": tuple(IMPORTANCE_CAPS)})
     """A weight beyond is_cap is cut to it ('truncate') or set to 0 ('mask', as AReaL does)."""
     generator_restarts: int = 0
-    """Times the pipeline restarts a generator process that died without reporting an error
-    (killed, out of memory); an error raised inside the generator always stops the run."""
+    """Times the pipeline restarts a generator process (with --cluster ray: replaces a generator
+    actor and replays its groups) that died without reporting an error (killed, out of memory);
+    an error raised inside the generator always stops the run."""
 
     # --- a Ray cluster (ray_trainer.py): several generators, on several machines
     cluster: str | None = field(default=None, metadata={"choices": CLUSTERS})

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.async_trainer import _LearnerEval, role_threads  # private: see the note in the issue 11 report
+from rlvr.trainer.async_trainer import GeneratorSeconds, LearnerEval, pipeline_metrics, role_threads
 from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig, write_config
@@ -119,7 +119,7 @@ def _run_steps(
     """Run steps ``start + 1 .. max_steps``: learn, log, checkpoint (on a generator failure, the last one)."""
     assert run.pipeline is not None and run.writer is not None and run.bar is not None
     step_fn = _StepFn(config, tokenizer.pad_token_id, group=run.group is not None)
-    evaluate = _LearnerEval.build(config, learner, tokenizer)  # --eval-every: greedy, in the driver
+    evaluate = LearnerEval.build(config, learner, tokenizer)  # --eval-every: greedy, in the driver
     record: dict[str, Any] = {}
     checkpoint, done = None, start
     try:
@@ -253,22 +253,16 @@ class _StepFn:
             pipeline.publish(learner)
         step_seconds = time.perf_counter() - t0
         n = len(shards.busy_seconds)
-        generator_seconds = sum(shards.wait_seconds) + sum(shards.receive_seconds) + sum(shards.busy_seconds)
         record = step_record(step, rollouts, learned, watch.seconds["learning"], step_seconds)
         record |= staleness_metrics(staleness, config.max_staleness or 0)
-        record |= {
-            "policy_version": float(item.version),
-            "time/wait_rollouts": watch.seconds["wait"],
-            "time/weight_publish": watch.seconds["publish"],
-            "time/weight_receive": max(shards.receive_seconds),
-            "time/generator_wait": sum(shards.wait_seconds) / n,
-            "time/generator_busy": sum(shards.busy_seconds) / n,
-            "async/learner_idle_fraction": watch.seconds["wait"] / max(step_seconds, 1e-9),
-            "async/generator_idle_fraction": sum(shards.wait_seconds) / max(generator_seconds, 1e-9),
-            "async/buffered_batches": float(len(pipeline.buffer)),
-            "async/generator_restarts": float(pipeline.pool.restarts),
-            "ray/num_generators": float(n),
-        }
+        # The generators' times: the mean wait and busy time of the actors, the slowest weight receive.
+        wait, busy = sum(shards.wait_seconds) / n, sum(shards.busy_seconds) / n
+        times = GeneratorSeconds(wait, max(shards.receive_seconds), busy)
+        record |= pipeline_metrics(
+            version=item.version, learner=watch.seconds, step_seconds=step_seconds, generator=times,
+            buffered=len(pipeline.buffer), restarts=pipeline.pool.restarts,
+        )  # fmt: skip
+        record["ray/num_generators"] = float(n)
         return record, rollouts
 
 
