@@ -42,14 +42,18 @@ s/step, sync 2 threads 0.288, async eta=0 0.440, eta=1 0.228, eta=2 0.230, eta=4
 1.89x the 1-thread loop and 1.26x the 2-thread loop at eta=1; learner idle 0.00,
 generator idle 0.20 (eta=1) to 0.04 (eta=4).
 
-The Ray rows were measured on the same VM shared with two other jobs (1-minute load 3.4-3.7
-during them: wall times are only comparable within one invocation): sync 1 thread 0.446
-s/step, async eta=1 0.501, ray 1 generator 0.480, ray 2 generators 0.532 (three one-thread
-roles on two loaded cores; learner idle 0.43-0.48 against 0.03 for the pipeline). Moving
-the weights per step (``weights ms``: publish + receive, the slowest actor's receive for
-Ray) costs 6.6 ms through shared memory, 19.9 ms through Ray's object store with one
-generator and 50.3 ms with two, for the 3.7 MB model: a ``ray.put`` of the pickled state
-dict, and each actor's ``ray.get`` and copy into its model.
+Measured again after the pipeline moved to a fixed lag, with the Ray rows, in one
+invocation on the idle VM (load 0.7-1.3; ``--etas 0 1 2 --vllm-etas --ray-generators 1 2``):
+sync 1 thread 0.411 s/step, sync 2 threads 0.300, async eta=0 0.409, eta=1 0.230 (1.79x),
+eta=2 0.224 (1.84x, staleness exactly 2.00); ray 1 generator 0.407 (1.01x), ray 2
+generators 0.337 (1.22x), learner idle 0.39 and 0.27 against 0.00 for the shared-memory
+pipeline. Moving the weights per step (``weights ms``: publish + receive, the slowest
+actor's receive for Ray) costs 4.8 ms through shared memory, 19.1 ms through Ray's object
+store with one generator and 64.8 ms with two, for the 3.7 MB model: a ``ray.put`` of the
+pickled state dict, and each actor's ``ray.get`` and copy into its model. The Ray rows
+also pay a ``ray.get`` per shard and the actors' scheduling, which is what the learner
+waits on here; on this model the object store is the cost of crossing machines, not a
+speed-up on one.
 
 Timings on a shared machine are meaningless: the script samples the 1-minute load
 average every second during each run and prints its mean and max per run (the bench
