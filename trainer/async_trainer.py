@@ -73,6 +73,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,40 +109,24 @@ def train_async(config: TrainConfig) -> TrainResult:
     learner, tokenizer = _setup_learner(config)
     write_config(config)  # one learner rank (checked in _setup_learner)
     losses = _losses(config)
-    evaluate = LearnerEval.build(config, learner, tokenizer)
     start, lagged = 0, {}
     if resume_from is not None:
         start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
-    record: dict[str, Any] = {}
-    checkpoint, done = None, start
     bar = tqdm(total=config.max_steps, initial=start, desc="grpo-async", disable=not config.progress, file=sys.stderr)
-    metrics_path = Path(config.output_dir) / "metrics.jsonl"
     writer = RunLog(
         config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer, config=config
     )
     pipeline: _Pipeline | None = None
     try:
         pipeline = _Pipeline(config, learner, start, lagged)
-        for step in range(start + 1, config.max_steps + 1):
-            record, rollouts = _train_step(config, step, pipeline, learner, losses, tokenizer.pad_token_id)
-            done = step
-            if evaluate is not None and step % config.eval_every == 0:
-                record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generator runs on
-            writer.write(record, rollouts)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
-            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save_checkpoint(
-                    config.output_dir, step, learner, tokenizer, config, lagged=pipeline.lagged(learner.version)
-                )
-    except GeneratorError:
-        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
-            assert pipeline is not None
-            path = save_checkpoint(
-                config.output_dir, done, learner, tokenizer, config, lagged=pipeline.lagged(learner.version)
-            )
-            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
-        raise
+        held = pipeline
+
+        def step_fn(step: int) -> tuple[dict[str, Any], RolloutBatch]:
+            return _train_step(config, step, held, learner, losses, tokenizer.pad_token_id)
+
+        record, checkpoint = run_steps(
+            config, learner, tokenizer, start, writer, bar, step_fn, lambda: held.lagged(learner.version)
+        )
     finally:
         if pipeline is not None:
             pipeline.close()  # invariant 3: on every path
@@ -149,9 +134,49 @@ def train_async(config: TrainConfig) -> TrainResult:
         bar.close()
     if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
         checkpoint = resolve_resume("latest", config.output_dir)
+    metrics_path = Path(config.output_dir) / "metrics.jsonl"
     return TrainResult(
         steps=max(start, config.max_steps), metrics_path=metrics_path, checkpoint=checkpoint, last_metrics=record
     )
+
+
+def run_steps(
+    config: TrainConfig,
+    learner: Learner,
+    tokenizer: Any,
+    start: int,
+    writer: RunLog,
+    bar: Any,
+    step_fn: Callable[[int], tuple[dict[str, Any], RolloutBatch]],
+    lagged: Callable[[], dict[int, Any]],
+) -> tuple[dict[str, Any], Path | None]:
+    """Run steps ``start + 1 .. max_steps`` of a pipeline (this one, or Ray's); return the last record and checkpoint.
+
+    Each step: ``step_fn`` learns it, ``--eval-every`` evaluates in this process, the record
+    and samples are logged, and checkpoints carry ``lagged()`` (the older weight versions the
+    next batches sample with). On a ``GeneratorError`` the last completed step is
+    checkpointed (invariant 4) before the error goes on up.
+    """
+    evaluate = LearnerEval.build(config, learner, tokenizer)
+    record: dict[str, Any] = {}
+    checkpoint, done = None, start
+    try:
+        for step in range(start + 1, config.max_steps + 1):
+            record, rollouts = step_fn(step)
+            done = step
+            if evaluate is not None and step % config.eval_every == 0:
+                record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generator runs on
+            writer.write(record, rollouts)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
+            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged=lagged())
+    except GeneratorError:
+        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
+            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config, lagged=lagged())
+            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
+        raise
+    return record, checkpoint
 
 
 def role_threads(config: TrainConfig) -> int:

@@ -65,13 +65,12 @@ from typing import Any
 import torch
 from rlvr.envs.registry import make_env
 from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.async_trainer import GeneratorSeconds, LearnerEval, pipeline_metrics, role_threads
+from rlvr.trainer.async_trainer import GeneratorSeconds, pipeline_metrics, role_threads, run_steps
 from rlvr.trainer.batch import pack_episodes
-from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
+from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume
 from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model, load_tokenizer
 from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator, model_source
-from rlvr.trainer.generator_worker import GeneratorError
 from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
 from rlvr.trainer.metrics import RunLog, Stopwatch
 from rlvr.trainer.ray_cluster import RayCluster, require_ray
@@ -103,43 +102,18 @@ def train_ray(config: TrainConfig) -> TrainResult:
         run.writer = RunLog(config.output_dir, resume_step, config.samples_every, tokenizer, config=config)
         run.bar = tqdm(total=config.max_steps, initial=start, desc="grpo-ray", disable=not config.progress,
                        file=sys.stderr)  # fmt: skip
-        run.pipeline = _RayPipeline(run.cluster, config, learner, start, lagged)
-        record, checkpoint = _run_steps(config, run, learner, tokenizer, start)
+        pipeline = run.pipeline = _RayPipeline(run.cluster, config, learner, start, lagged)
+        step_fn = _StepFn(config, tokenizer.pad_token_id, group=run.group is not None)
+        record, checkpoint = run_steps(
+            config, learner, tokenizer, start, run.writer, run.bar,
+            lambda step: step_fn(step, pipeline, learner), pipeline.lagged,
+        )  # fmt: skip
     finally:
         run.close()  # invariant 4: on every path
     if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
         checkpoint = resolve_resume("latest", config.output_dir)
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
     return TrainResult(max(start, config.max_steps), metrics_path, checkpoint, record)
-
-
-def _run_steps(
-    config: TrainConfig, run: _Session, learner: Learner, tokenizer: Any, start: int
-) -> tuple[dict[str, Any], Path | None]:
-    """Run steps ``start + 1 .. max_steps``: learn, log, checkpoint (on a generator failure, the last one)."""
-    assert run.pipeline is not None and run.writer is not None and run.bar is not None
-    step_fn = _StepFn(config, tokenizer.pad_token_id, group=run.group is not None)
-    evaluate = LearnerEval.build(config, learner, tokenizer)  # --eval-every: greedy, in the driver
-    record: dict[str, Any] = {}
-    checkpoint, done = None, start
-    try:
-        for step in range(start + 1, config.max_steps + 1):
-            record, rollouts = step_fn(step, run.pipeline, learner)
-            done = step
-            if evaluate is not None and step % config.eval_every == 0:
-                record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generators run on
-            run.writer.write(record, rollouts)
-            run.bar.update(1)
-            run.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
-            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                lagged = run.pipeline.lagged()
-                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged)
-    except GeneratorError:
-        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
-            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config, run.pipeline.lagged())
-            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
-        raise
-    return record, checkpoint
 
 
 @dataclass
