@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.verifiers.sandbox import ISOLATION_LEVELS, SandboxError, run_in_sandbox
 
@@ -41,6 +42,23 @@ def assets(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(root / "tiny")
     (root / "envs.py").write_text(ENV_SOURCE)
     return root
+
+
+def tiny_config(assets: Path, out: Path, **overrides) -> TrainConfig:
+    """A few-step run of the tiny model on LengthEnv (``assets``), every loop's test setting; ``overrides`` win."""
+    values = {
+        "env": f"{assets / 'envs.py'}:LengthEnv",
+        "model": str(assets / "tiny"),
+        "output_dir": str(out),
+        "max_steps": 3,
+        "group_size": 4,
+        "prompts_per_step": 2,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "torch_threads": 1,
+        "progress": False,
+    }
+    return TrainConfig(**(values | overrides))
 
 
 def _unavailable(level: str) -> str | None:

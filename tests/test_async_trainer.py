@@ -18,31 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from rlvr.trainer.async_trainer import train_async
-from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.generator_worker import GeneratorError
 from rlvr.trainer.grpo import train
 from rlvr.trainer.metrics import read_metrics
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-
-def _config(assets: Path, out: Path, **overrides) -> TrainConfig:
-    values = {
-        "env": f"{assets / 'envs.py'}:LengthEnv",
-        "model": str(assets / "tiny"),
-        "output_dir": str(out),
-        "max_steps": 3,
-        "group_size": 4,
-        "prompts_per_step": 2,
-        "max_new_tokens": 8,
-        "learning_rate": 1e-3,
-        "torch_threads": 1,
-        "progress": False,
-    }
-    return TrainConfig(**(values | overrides))
+_config = tiny_config
 
 
 REWARD_KEYS = ("reward_mean", "reward_std", "zero_spread_fraction", "completion_length_mean", "loss", "grad_norm")

@@ -21,24 +21,12 @@ from pathlib import Path
 import pytest
 from rlvr.trainer.engines import installed
 from rlvr.trainer.metrics import read_metrics
+from test_learning import FLAGS as SYNC_FLAGS
+from test_learning import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 200
-FLAGS = [
-    "--env", "arithmetic",
-    "--cluster", "ray",
-    "--num-generators", "2",
-    "--max-staleness", "1",
-    "--max-steps", str(STEPS),
-    "--group-size", "8",
-    "--prompts-per-step", "16",
-    "--learning-rate", "4e-4",
-    "--max-new-tokens", "8",
-    "--micro-batch-size", "64",
-    "--torch-threads", "1",
-    "--seed", "0",
-    "--no-progress",
-]  # fmt: skip
+# The synchronous learning test's run (test_learning.py), with two generator actors one step stale.
+FLAGS = [*SYNC_FLAGS, "--cluster", "ray", "--num-generators", "2", "--max-staleness", "1"]
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.grpo import train
 from rlvr.trainer.metrics import read_metrics
@@ -53,21 +54,7 @@ def local_ray():
 
 
 def _config(assets: Path, out: Path, **overrides) -> TrainConfig:
-    values = {
-        "env": f"{assets / 'envs.py'}:LengthEnv",
-        "model": str(assets / "tiny"),
-        "output_dir": str(out),
-        "max_steps": 3,
-        "group_size": 4,
-        "prompts_per_step": 2,
-        "max_new_tokens": 8,
-        "learning_rate": 1e-3,
-        "torch_threads": 1,
-        "progress": False,
-        "cluster": "ray",
-        "max_staleness": 0,
-    }
-    return TrainConfig(**(values | overrides))
+    return tiny_config(assets, out, **({"cluster": "ray", "max_staleness": 0} | overrides))
 
 
 def _named_actors() -> list[str]:
