@@ -1,0 +1,135 @@
+"""The weight group: a real process group (gloo here; NCCL on GPUs) between separate processes.
+
+Rank 0 broadcasts a state of mixed dtypes in small buckets, so that a version is several
+collectives; the receivers must get it bit for bit. A receiver that dies, or never comes,
+must end rank 0's wait with an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from rlvr.trainer.weight_group import Entry, Manifest, WeightGroup, WeightSyncAborted, open_store
+
+HOST = "127.0.0.1"
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(50, 16, generator=g),
+        "layer.0.weight": torch.randn(16, 16, generator=g).to(torch.bfloat16),
+        "layer.0.bias": torch.randn(16, generator=g).to(torch.bfloat16),
+        "norm.weight": torch.randn(16, generator=g),
+        "head.weight": torch.randn(50, 16, generator=g),
+    }
+
+
+def _receiver(port: int, rank: int, world: int, versions: int, out: str) -> None:
+    torch.set_num_threads(1)
+    group = WeightGroup(HOST, port, rank, world, torch.device("cpu"), generation=0, timeout=60, bucket_bytes=4096)
+    manifest = Manifest.of(_state(0))
+    got = [group.recv(manifest) for _ in range(versions)]
+    torch.save(got, out)
+    group.close()
+
+
+def test_buckets_keep_order_split_by_dtype_and_size():
+    manifest = Manifest.of(_state(0))
+    buckets = manifest.buckets(4096)
+    assert [e for b in buckets for e in b] == list(manifest.entries)  # every tensor once, in order
+    assert all(len({e.dtype for e in b}) == 1 for b in buckets)
+    assert all(sum(e.nbytes for e in b) <= 4096 or len(b) == 1 for b in buckets)
+    assert [[e.name for e in b] for b in buckets] == [
+        ["embed.weight"],  # float32, then bf16: a new bucket
+        ["layer.0.weight", "layer.0.bias"],
+        ["norm.weight", "head.weight"],  # 64 + 3200 bytes
+    ]
+    assert [len(b) for b in manifest.buckets(3000)] == [1, 2, 1, 1]  # 64 + 3200 > 3000: split by size
+    big = Manifest((Entry("a", (2048,), "float32"),))
+    assert [len(b) for b in big.buckets(1024)] == [1]  # larger than a bucket: alone
+    with pytest.raises(ValueError, match="unknown dtype 'complex7'"):
+        Entry("x", (1,), "complex7").nbytes
+
+
+def test_two_receivers_get_every_version_bit_for_bit(tmp_path):
+    store = open_store(HOST, 3)
+    ctx = mp.get_context("spawn")
+    outs = [str(tmp_path / f"r{r}.pt") for r in (1, 2)]
+    procs = [ctx.Process(target=_receiver, args=(store.port, r, 3, 2, outs[r - 1])) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    group = WeightGroup(HOST, store.port, 0, 3, torch.device("cpu"), generation=0, store=store, timeout=60,
+                        bucket_bytes=4096)  # fmt: skip
+    sent = [_state(1), _state(2)]
+    manifest = Manifest.of(sent[0])
+    assert group.send(sent[0], manifest) == sum(e.nbytes for e in manifest.entries)
+    group.send(sent[1], manifest)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for out in outs:
+        got = torch.load(out)
+        for want, have in zip(sent, got):
+            assert want.keys() == have.keys()
+            assert all(have[k].dtype == want[k].dtype and torch.equal(have[k], want[k]) for k in want)
+    group.close()
+
+
+def test_a_receiver_that_dies_ends_the_senders_wait(tmp_path):
+    store = open_store(HOST, 2)
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_receiver, args=(store.port, 1, 2, 1000, str(tmp_path / "never.pt")))
+    proc.start()
+    group = WeightGroup(HOST, store.port, 0, 2, torch.device("cpu"), generation=0, store=store, timeout=30,
+                        bucket_bytes=4096)  # fmt: skip
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    start = time.monotonic()
+    with pytest.raises(WeightSyncAborted):
+        for _ in range(1000):  # the first may still go into the socket's buffer; a later one cannot
+            group.send(_state(1), Manifest.of(_state(1)))
+    assert time.monotonic() - start < 30
+
+
+def _silent_sender(port: int, world: int, hold: float) -> None:
+    store = open_store(HOST, world)
+    with open(port, "w") as f:  # port: a file name here, to hand the store's port back
+        f.write(str(store.port))
+    group = WeightGroup(HOST, store.port, 0, world, torch.device("cpu"), generation=0, store=store, timeout=60)
+    time.sleep(hold)  # in the group, never sending
+    group.close()
+
+
+def test_abort_from_another_thread_ends_a_receivers_wait(tmp_path):
+    port_file = str(tmp_path / "port")
+    proc = mp.get_context("spawn").Process(target=_silent_sender, args=(port_file, 2, 30.0))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(port_file) and open(port_file).read()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        group = WeightGroup(HOST, int(open(port_file).read()), 1, 2, torch.device("cpu"), generation=0, timeout=60)
+        threading.Timer(0.5, group.abort).start()
+        start = time.monotonic()
+        with pytest.raises(WeightSyncAborted, match="member 1 of 2: aborted"):
+            group.recv(Manifest.of(_state(0)))
+        assert 0.4 < time.monotonic() - start < 10
+        group.close()
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def test_a_rendezvous_without_peers_times_out_with_a_clear_error():
+    store = open_store(HOST, 2, timeout=2)
+    start = time.monotonic()
+    with pytest.raises(WeightSyncAborted):
+        WeightGroup(HOST, store.port, 0, 2, torch.device("cpu"), generation=0, store=store, timeout=2)
+    assert time.monotonic() - start < 20

@@ -1,0 +1,189 @@
+"""Weights from the learner's rank 0 to every generator over one collective group.
+
+The route of the field between machines (OpenRLHF, verl, AReaL): the learner's rank 0 and
+the ``N`` generators form a process group of ``N + 1`` members of their own, apart from
+the learner's data-parallel group (which DeepSpeed owns as the default group), and each
+new version goes out as a few broadcasts from rank 0: NCCL where the members hold GPUs
+(GPU memory to GPU memory, no host copy), gloo where they do not (so the same code runs,
+and is tested, on CPUs). Nothing here knows about Ray: ``ray_weights.py`` places the
+members and drives them.
+
+* **Buckets.** The tensors are packed, in the order of a :class:`Manifest` every member
+  holds, into flat buffers of one dtype of at most ``bucket_bytes`` each (a tensor larger
+  than that goes alone): a model of hundreds of tensors is a handful of collectives, and
+  no member ever holds more than one bucket beyond the weights themselves.
+* **Rendezvous.** Rank 0 hosts a ``TCPStore`` on a free port of its node
+  (:func:`open_store`); the others connect to it; each rebuild of the group (after a
+  generator was replaced) is a new ``generation`` and a new store, so nothing of the
+  old group is reused.
+* **Bounded, abortable waits.** Every collective is waited on by polling its ``Work``
+  with a deadline, and :meth:`WeightGroup.abort` (from another thread) ends the wait
+  with :class:`WeightSyncAborted`: a member that died mid-broadcast costs a rebuild, not a
+  hang. A peer that is gone makes gloo fail at once; NCCL's own watchdog ends it after the
+  group's timeout.
+
+NCCL allows one member per GPU: a learner and a generator sharing one GPU cannot use
+this route (the object store route serves them; ``ray_weights.choose_route``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BUCKET_BYTES = 256 * 2**20
+"""Largest flat buffer per broadcast (a tensor larger than this goes alone)."""
+TIMEOUT = 300.0
+"""Seconds a rendezvous or a broadcast may take before it is an error."""
+_POLL = 0.0005
+
+
+class WeightSyncAborted(RuntimeError):
+    """A broadcast or rendezvous was aborted (a member died) or timed out; the group is unusable."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * torch.empty((), dtype=_dtype(self.dtype)).element_size()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The names, shapes and dtypes of the weights, in broadcast order: the same on every member."""
+
+    entries: tuple[Entry, ...]
+
+    @classmethod
+    def of(cls, state: dict[str, torch.Tensor]) -> Manifest:
+        return cls(tuple(Entry(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()))
+
+    def buckets(self, bucket_bytes: int = BUCKET_BYTES) -> list[list[Entry]]:
+        """Split the entries, in order, into runs of one dtype of at most ``bucket_bytes`` each."""
+        buckets: list[list[Entry]] = []
+        size = 0
+        for entry in self.entries:
+            last = buckets[-1] if buckets else None
+            if last is None or last[0].dtype != entry.dtype or size + entry.nbytes > bucket_bytes:
+                buckets.append([entry])
+                size = entry.nbytes
+            else:
+                last.append(entry)
+                size += entry.nbytes
+        return buckets
+
+
+def open_store(host: str, world: int, timeout: float = TIMEOUT) -> dist.TCPStore:
+    """Host the group's rendezvous on rank 0's node, on a port the OS picks (``store.port``)."""
+    return dist.TCPStore(host, 0, world, is_master=True, timeout=datetime.timedelta(seconds=timeout),
+                         wait_for_workers=False)  # fmt: skip
+
+
+class WeightGroup:
+    """One member of the weight group: rank 0 sends (:meth:`send`), the others receive (:meth:`recv`)."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int, device: torch.device, generation: int,
+                 store: dist.TCPStore | None = None, timeout: float = TIMEOUT,
+                 bucket_bytes: int = BUCKET_BYTES):  # fmt: skip
+        self.rank, self.world, self.device, self.timeout = rank, world, device, timeout
+        self.bucket_bytes = bucket_bytes
+        self._aborted = threading.Event()
+        if store is None:
+            store = dist.TCPStore(host, port, world, is_master=False, timeout=datetime.timedelta(seconds=timeout))
+        self._store = store  # rank 0's hosts the rendezvous: it lives as long as the group
+        prefixed = dist.PrefixStore(f"rlvr-weights-{generation}", store)
+        span = datetime.timedelta(seconds=timeout)
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = span
+                self.pg: dist.ProcessGroup = dist.ProcessGroupNCCL(prefixed, rank, world, options)
+            else:
+                self.pg = dist.ProcessGroupGloo(prefixed, rank, world, span)
+        except RuntimeError as e:  # DistStoreError: the others did not come within the timeout
+            raise WeightSyncAborted(
+                f"weight group member {rank} of {world}: the rendezvous at {host}:{port} failed: {e}"
+            ) from e
+        self._broadcast(torch.zeros(1, device=device))  # the rendezvous: every member is in
+
+    def send(self, state: dict[str, torch.Tensor], manifest: Manifest) -> float:
+        """Broadcast ``state`` (rank 0) in the manifest's buckets; return the bytes sent."""
+        sent = 0
+        for bucket in manifest.buckets(self.bucket_bytes):
+            flat = torch.cat([state[e.name].detach().reshape(-1).to(self.device, _dtype(e.dtype)) for e in bucket])
+            self._broadcast(flat)
+            sent += flat.numel() * flat.element_size()
+        return sent
+
+    def recv(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+        """Receive one version (ranks > 0): tensors on this member's device, views of the buckets."""
+        state: dict[str, torch.Tensor] = {}
+        for bucket in manifest.buckets(self.bucket_bytes):
+            flat = torch.empty(sum(_numel(e.shape) for e in bucket), dtype=_dtype(bucket[0].dtype), device=self.device)
+            self._broadcast(flat)
+            offset = 0
+            for e in bucket:
+                n = _numel(e.shape)
+                state[e.name] = flat[offset : offset + n].view(e.shape)
+                offset += n
+        return state
+
+    def abort(self) -> None:
+        """End the wait of a broadcast in flight (from another thread); the group is not used again."""
+        self._aborted.set()
+
+    def close(self) -> None:
+        """Leave the group (best effort: a group whose peers are gone may not shut down cleanly)."""
+        try:
+            self.pg.abort() if self._aborted.is_set() else self.pg.shutdown()
+        except Exception:  # noqa: BLE001 - the group is being dropped either way
+            pass
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        who = f"weight group member {self.rank} of {self.world}"
+        try:
+            work = self.pg.broadcast([tensor], opts)
+        except RuntimeError as e:  # torch's DistBackendError: a peer is gone, say
+            raise WeightSyncAborted(f"{who}: the broadcast failed: {e}") from e
+        deadline = time.monotonic() + self.timeout
+        while not work.is_completed():
+            if self._aborted.is_set():
+                raise WeightSyncAborted(f"{who}: aborted")
+            if time.monotonic() > deadline:
+                self._aborted.set()
+                raise WeightSyncAborted(f"{who}: no broadcast within {self.timeout:.0f} s")
+            time.sleep(_POLL)
+        try:
+            work.wait()  # raises the backend's error, if the collective failed
+        except RuntimeError as e:
+            self._aborted.set()
+            raise WeightSyncAborted(f"{who}: the broadcast failed: {e}") from e
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"weight manifest: unknown dtype {name!r}")
+    return dtype
