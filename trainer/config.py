@@ -33,6 +33,7 @@ from rlvr.trainer.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS
 GENERATORS = ("auto", "transformers", "vllm")
 LEARNERS = ("torch", "deepspeed")
 CLUSTERS = ("ray",)
+WEIGHT_SYNCS = ("auto", "broadcast", "object-store")
 
 
 class ConfigError(ValueError):
@@ -156,6 +157,11 @@ class TrainConfig:
     learner_ranks: int = 1
     """With --cluster ray and --learner deepspeed: data-parallel learner ranks, each a Ray actor
     (gloo on CPUs, NCCL on GPUs); 1 learns in the train.py process itself."""
+    weight_sync: str = field(default="auto", metadata={"choices": WEIGHT_SYNCS})
+    """With --cluster ray: how each new weight version reaches the generator actors. 'broadcast':
+    over a process group of the learner's rank 0 and the generators (NCCL where each holds a GPU
+    of its own, gloo otherwise); 'object-store': one ray.put per version, fetched by each actor;
+    'auto': broadcast where the actors hold GPUs, the object store on CPUs."""
 
     # --- evaluation during training (evaluation.py; in the learner process of either loop)
     eval_every: int = 0
@@ -231,6 +237,8 @@ class TrainConfig:
                 f"must be <= prompts_per_step ({self.prompts_per_step}): each generator plays whole groups",
             ),
             ("learner_ranks", self.learner_ranks >= 1, "must be >= 1"),
+            ("weight_sync", self.weight_sync in WEIGHT_SYNCS, f"must be one of {list(WEIGHT_SYNCS)}"),
+            ("weight_sync", self.weight_sync == "auto" or self.cluster == "ray", "needs --cluster ray"),
             (
                 "learner_ranks",
                 self.learner_ranks == 1 or (self.cluster == "ray" and self.learner == "deepspeed"),

@@ -29,8 +29,10 @@ this route (the object store route serves them; ``ray_weights.choose_route``).
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,7 @@ BUCKET_BYTES = 256 * 2**20
 """Largest flat buffer per broadcast (a tensor larger than this goes alone)."""
 TIMEOUT = 300.0
 """Seconds a rendezvous or a broadcast may take before it is an error."""
-_POLL = 0.0005
+_POLL, _POLL_MAX = 0.0002, 0.005
 
 
 class WeightSyncAborted(RuntimeError):
@@ -67,6 +69,13 @@ class Manifest:
     @classmethod
     def of(cls, state: dict[str, torch.Tensor]) -> Manifest:
         return cls(tuple(Entry(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()))
+
+    def to_json(self) -> str:
+        return json.dumps([[e.name, list(e.shape), e.dtype] for e in self.entries])
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        return cls(tuple(Entry(name, tuple(shape), dtype) for name, shape, dtype in json.loads(text)))
 
     def buckets(self, bucket_bytes: int = BUCKET_BYTES) -> list[list[Entry]]:
         """Split the entries, in order, into runs of one dtype of at most ``bucket_bytes`` each."""
@@ -101,7 +110,8 @@ class WeightGroup:
         if store is None:
             store = dist.TCPStore(host, port, world, is_master=False, timeout=datetime.timedelta(seconds=timeout))
         self._store = store  # rank 0's hosts the rendezvous: it lives as long as the group
-        prefixed = dist.PrefixStore(f"rlvr-weights-{generation}", store)
+        prefixed = self._prefixed = dist.PrefixStore(f"rlvr-weights-{generation}", store)
+        self.manifest: Manifest | None = None
         span = datetime.timedelta(seconds=timeout)
         try:
             if device.type == "cuda":
@@ -117,8 +127,18 @@ class WeightGroup:
             ) from e
         self._broadcast(torch.zeros(1, device=device))  # the rendezvous: every member is in
 
-    def send(self, state: dict[str, torch.Tensor], manifest: Manifest) -> float:
-        """Broadcast ``state`` (rank 0) in the manifest's buckets; return the bytes sent."""
+    def send(self, state: dict[str, torch.Tensor]) -> float:
+        """Broadcast ``state`` (rank 0) in the manifest's buckets; return the bytes sent.
+
+        The first send of the group puts the manifest in the store, where the receivers
+        read it; every later state must have the same manifest (one model, many versions).
+        """
+        manifest = Manifest.of(state)
+        if self.manifest is None:
+            self._prefixed.set("manifest", manifest.to_json())
+            self.manifest = manifest
+        elif manifest != self.manifest:
+            raise ValueError("weight group: the weights changed names, shapes or dtypes between versions")
         sent = 0
         for bucket in manifest.buckets(self.bucket_bytes):
             flat = torch.cat([state[e.name].detach().reshape(-1).to(self.device, _dtype(e.dtype)) for e in bucket])
@@ -126,8 +146,12 @@ class WeightGroup:
             sent += flat.numel() * flat.element_size()
         return sent
 
-    def recv(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+    def recv(self) -> dict[str, torch.Tensor]:
         """Receive one version (ranks > 0): tensors on this member's device, views of the buckets."""
+        if self.manifest is None:  # rank 0's first send puts it in the store
+            self._wait(lambda: self._prefixed.check(["manifest"]), "the manifest")
+            self.manifest = Manifest.from_json(self._prefixed.get("manifest"))
+        manifest = self.manifest
         state: dict[str, torch.Tensor] = {}
         for bucket in manifest.buckets(self.bucket_bytes):
             flat = torch.empty(sum(_numel(e.shape) for e in bucket), dtype=_dtype(bucket[0].dtype), device=self.device)
@@ -158,14 +182,7 @@ class WeightGroup:
             work = self.pg.broadcast([tensor], opts)
         except RuntimeError as e:  # torch's DistBackendError: a peer is gone, say
             raise WeightSyncAborted(f"{who}: the broadcast failed: {e}") from e
-        deadline = time.monotonic() + self.timeout
-        while not work.is_completed():
-            if self._aborted.is_set():
-                raise WeightSyncAborted(f"{who}: aborted")
-            if time.monotonic() > deadline:
-                self._aborted.set()
-                raise WeightSyncAborted(f"{who}: no broadcast within {self.timeout:.0f} s")
-            time.sleep(_POLL)
+        self._wait(work.is_completed, "a broadcast")
         try:
             work.wait()  # raises the backend's error, if the collective failed
         except RuntimeError as e:
@@ -173,6 +190,21 @@ class WeightGroup:
             raise WeightSyncAborted(f"{who}: the broadcast failed: {e}") from e
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+
+    def _wait(self, done: Callable[[], bool], what: str) -> None:
+        """Poll ``done`` until true; raise WeightSyncAborted on abort or after the group's timeout."""
+        deadline, pause = time.monotonic() + self.timeout, _POLL
+        while not done():
+            if self._aborted.is_set():
+                raise WeightSyncAborted(f"weight group member {self.rank} of {self.world}: aborted")
+            if time.monotonic() > deadline:
+                self._aborted.set()
+                raise WeightSyncAborted(
+                    f"weight group member {self.rank} of {self.world}: no {what} within {self.timeout:.0f} s"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_MAX)  # quick for a short wait, a few requests a second for a long one
 
 
 def _numel(shape: tuple[int, ...]) -> int:
