@@ -335,3 +335,41 @@ def test_a_killed_learner_rank_stops_the_run_naming_it(local_ray, assets, tmp_pa
     assert "ray.kill" in str(e.value)
     assert time.monotonic() - start < 120  # rank 0, left alone in a collective, did not hold the run
     assert _named_actors() == []
+
+
+# --- the broadcast route (--weight-sync broadcast: a gloo weight group here, NCCL on GPUs) ---
+
+
+def test_the_broadcast_route_samples_what_the_object_store_route_did(two_generators, assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=6, prompts_per_step=4, num_generators=2, max_staleness=1,
+                     weight_sync="broadcast")  # fmt: skip
+    records = read_metrics(train_ray(config).metrics_path)
+    assert [r["policy_version"] for r in records] == [r["policy_version"] for r in two_generators]
+    # The same versions reached the same actors bit for bit: every metric of every step is equal.
+    for want, got in zip(two_generators, records):
+        assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
+    assert _named_actors() == []
+
+
+def test_broadcast_route_a_killed_generator_is_replaced_and_the_group_rebuilt(two_generators, assets, tmp_path):
+    config = _config(assets, tmp_path, max_steps=6, prompts_per_step=4, num_generators=2, max_staleness=1,
+                     generator_restarts=1, weight_sync="broadcast")  # fmt: skip
+    watcher = _kill_after(tmp_path / "metrics.jsonl", 1, "rlvr-generator-0")
+    result = train_ray(config)
+    watcher.join()
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["async/generator_restarts"] == 1.0
+    # The rebuilt group sent the replacement every version its re-sent steps sample with.
+    for want, got in zip(two_generators, records):
+        assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
+    assert _named_actors() == []
+
+
+def test_broadcast_route_resumes_with_the_lagged_versions(two_generators, assets, tmp_path):
+    common = dict(prompts_per_step=4, num_generators=2, max_staleness=1, weight_sync="broadcast")
+    train_ray(_config(assets, tmp_path, max_steps=3, **common))
+    assert (tmp_path / "checkpoints" / "step_000003" / "lagged_weights").is_dir()
+    records = read_metrics(train_ray(_config(assets, tmp_path, max_steps=6, resume="latest", **common)).metrics_path)
+    for want, got in zip(two_generators, records):
+        assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]

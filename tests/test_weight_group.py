@@ -67,12 +67,12 @@ def test_two_receivers_get_every_version_bit_for_bit(tmp_path):
         p.start()
     group = WeightGroup(HOST, store.port, 0, 3, torch.device("cpu"), generation=0, store=store, timeout=60,
                         bucket_bytes=4096)  # fmt: skip
-    sent = [_state(1), _state(2)]
+    # The second version has another layout (dtypes, one tensor fewer: as a checkpoint's tied weights may).
+    sent = [_state(1), {k: v.float() for k, v in _state(2).items() if k != "head.weight"}]
     manifest = Manifest.of(sent[0])
     assert group.send(sent[0]) == sum(e.nbytes for e in manifest.entries)
     group.send(sent[1])
-    with pytest.raises(ValueError, match="changed names, shapes or dtypes"):
-        group.send({k: v.float() for k, v in sent[1].items()})
+
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,10 @@ from rlvr.trainer.default_model import load_tokenizer
 from rlvr.trainer.engines import build_generator, choose_generator, model_source
 from rlvr.trainer.generator_worker import GeneratorError
 from rlvr.trainer.grpo import max_context, resolve_device, sampling_params, seed_everything, step_seed, task_schedule
-from rlvr.trainer.ray_cluster import Place, RayCluster, here, require_ray
+from rlvr.trainer.ray_cluster import Place, RayCluster, here, remote_class, require_ray
+from rlvr.trainer.ray_weights import transport_device
 from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
+from rlvr.trainer.weight_group import WeightReceiver
 from transformers import AutoConfig
 
 logger = logging.getLogger(__name__)
@@ -121,17 +124,37 @@ class GeneratorActor:
         self.renderer = EnvMessageRenderer(self.tokenizer, set(self.generator.eos_ids))
         self.sampling = sampling_params(config)
         self.max_context = max_context(AutoConfig.from_pretrained(model_source(config.model)))
+        self.receiver = WeightReceiver()  # the broadcast route's end (ray_weights.py); unused otherwise
         self._idle_since = time.perf_counter()
 
     def where(self) -> Place:
         """Return where this actor runs (the pool asks once, to name it in errors)."""
         return here(self.name)
 
+    def join_weights(self, host: str, port: int, rank: int, world: int, generation: int, cuda: bool) -> None:
+        """Join the broadcast route's weight group (``weights`` concurrency group)."""
+        self.receiver.join(host, port, rank, world, generation, transport_device(cuda))
+
+    def receive_weights(self, version: int, keep_from: int) -> None:
+        """Receive the next broadcast as ``version`` into the ring (``weights`` group: beside ``play``)."""
+        self.receiver.receive(version, keep_from)
+
+    def abort_weights(self) -> None:
+        """End a receive in flight (``control`` group): a member of the group died."""
+        self.receiver.abort()
+
     def play(self, step: int, weights: list[Any], version: int) -> ShardResult:
-        """Play this actor's groups of ``step`` with weights ``version`` (``weights[0]``: their ObjectRef)."""
+        """Play this actor's groups of ``step`` with weights ``version``.
+
+        ``weights[0]``: the version's ObjectRef (object-store route), or None (broadcast
+        route: the version is taken from the ring once received).
+        """
         t0 = time.perf_counter()
         if self.generator.version != version:
-            state = require_ray().get(weights[0])
+            if weights[0] is None:
+                state = self.receiver.get(version)
+            else:
+                state = require_ray().get(weights[0])
             self.generator.update_weights(state, version)
         t1 = time.perf_counter()
         tasks = [self.schedule(step, p) for p in self.groups]
@@ -168,13 +191,17 @@ class _Actor:
 class GeneratorPool:
     """The driver's handle on the generator actors: create, send work, collect shards, replace, close."""
 
-    def __init__(self, cluster: RayCluster, config: TrainConfig, threads: int, gpus: bool):
+    def __init__(self, cluster: RayCluster, config: TrainConfig, threads: int, gpus: bool, threaded: bool = False):
+        """``threaded``: the broadcast route's actors, which receive weights in a thread beside ``play``."""
         self.ray, self.cluster, self.config, self.threads = cluster.ray, cluster, config, threads
         self.num = config.num_generators
         self.restarts = 0
+        self.on_replaced: Callable[[], None] | None = None
+        """Called once a replacement is ready, before its steps are sent again (the broadcast route's rebuild)."""
         bundle = {"CPU": 1.0, "GPU": 1.0} if gpus else {"CPU": 1.0}
         self.group = cluster.place([dict(bundle) for _ in range(self.num)], "generator actors")
-        self._remote = self.ray.remote(GeneratorActor)
+        # Concurrency groups of one thread each: calls within a group still run in the order sent.
+        self._remote = remote_class(GeneratorActor, {"weights": 1, "control": 1} if threaded else None)
         self._gpus = gpus
         self._pending: dict[Any, tuple[int, int, int]] = {}  # result ref -> (shard, incarnation, step)
         self.actors: list[_Actor] = []
@@ -205,7 +232,7 @@ class GeneratorPool:
         try:
             actor.place = self.ray.get(actor.handle.where.remote(), timeout=_READY_TIMEOUT)
         except self.ray.exceptions.RayActorError as e:
-            raise self._died(shard, e) from None
+            raise self.died(shard, e) from None
         logger.info("ray: generator %s ready", actor.place)
 
     def send(self, step: int, version: int, weights: Any) -> None:
@@ -232,7 +259,7 @@ class GeneratorPool:
             try:
                 result = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as e:
-                self._replace(shard, self._died(shard, e))
+                self.replace(shard, self.died(shard, e))
                 continue
             except self.ray.exceptions.RayTaskError as e:
                 raise self._raised(shard, step, e) from None
@@ -240,7 +267,8 @@ class GeneratorPool:
             results.append(result)
         return results
 
-    def _died(self, shard: int, error: Any) -> RayGeneratorError:
+    def died(self, shard: int, error: Any) -> RayGeneratorError:
+        """The error of actor ``shard``'s death (``error``: Ray's RayActorError), naming it."""
         actor = self.actors[shard]
         who = str(actor.place) if actor.place else f"rlvr-generator-{shard} (before it was ready)"
         cause = str(error).strip()
@@ -262,7 +290,7 @@ class GeneratorPool:
             remote_traceback=remote,
         )
 
-    def _replace(self, shard: int, error: RayGeneratorError) -> None:
+    def replace(self, shard: int, error: RayGeneratorError) -> None:
         """Start a new actor for ``shard`` and send it every step the dead one held; raise if not allowed."""
         if error.init_failed or self.restarts >= self.config.generator_restarts:
             raise error
@@ -275,6 +303,8 @@ class GeneratorPool:
         self.ray.kill(old.handle, no_restart=True)
         self.actors[shard] = self._spawn(shard, old.incarnation + 1)
         self._locate(shard)
+        if self.on_replaced is not None:
+            self.on_replaced()
         for step, (version, weights) in sorted(old.outstanding.items()):
             self._send(shard, step, version, weights)
 

@@ -62,6 +62,12 @@ class Place:
         return f"{self.name} (pid {self.pid} on {self.hostname}, node {self.node_ip} {self.node_id[:12]})"
 
 
+def remote_class(cls: type, concurrency_groups: dict[str, int] | None = None) -> Any:
+    """``ray.remote(cls)``, with named concurrency groups of their own threads if given."""
+    ray = require_ray()
+    return ray.remote(concurrency_groups=concurrency_groups)(cls) if concurrency_groups else ray.remote(cls)
+
+
 def here(name: str) -> Place:
     """Return where the calling actor (or driver) runs (call inside the actor)."""
     ray = require_ray()

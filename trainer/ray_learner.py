@@ -44,7 +44,9 @@ from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.default_model import load_model
 from rlvr.trainer.engines import build_learner, build_loss_fn
 from rlvr.trainer.grpo import resolve_device, seed_everything
-from rlvr.trainer.ray_cluster import Place, RayCluster, here
+from rlvr.trainer.ray_cluster import Place, RayCluster, here, remote_class
+from rlvr.trainer.ray_weights import transport_device
+from rlvr.trainer.weight_group import WeightSender
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class LearnerRank:
     def __init__(self, config: TrainConfig, rank: int, world: int, threads: int):
         self.config, self.rank, self.world, self.threads = config, rank, world, threads
         self.learner: Any = None
+        self.sender: WeightSender | None = None  # rank 0's end of the broadcast route (ray_weights.py)
 
     def where(self) -> Place:
         return here(f"rlvr-learner-{self.rank}")
@@ -101,17 +104,55 @@ class LearnerRank:
         self.learner.load(path)
         return self.learner.version
 
+    # --- the broadcast route (rank 0 sends; the others only take part in gathering the weights)
+
+    def open_weights(self, world: int, cuda: bool) -> tuple[str, int]:
+        if self.sender is None:
+            self.sender = WeightSender(transport_device(cuda))
+        host = here("").node_ip
+        return host, self.sender.open(host, world)
+
+    def join_weights(self, generation: int) -> None:
+        assert self.sender is not None, "open_weights first"
+        self.sender.join(generation)
+
+    def keep_weights(self, version: int, state: dict[str, torch.Tensor], keep_from: int) -> None:
+        assert self.sender is not None, "open_weights first"
+        self.sender.keep(version, state, keep_from)
+
+    def publish_weights(self, version: int, keep_from: int) -> None:
+        """Gather the weights (collective at ZeRO-3: every rank); rank 0 keeps and broadcasts them."""
+        state = self.learner.weights_for_generation()
+        if self.rank == 0:
+            assert self.sender is not None, "open_weights first"
+            self.sender.keep(version, state, keep_from)
+            self.sender.send([version], {version: state})
+
+    def send_weights(self, versions: list[int]) -> None:
+        assert self.sender is not None, "open_weights first"
+        self.sender.send(versions)
+
+    def abort_weights(self) -> None:
+        """End a broadcast in flight (``control`` concurrency group)."""
+        if self.sender is not None:
+            self.sender.abort()
+
+    def held_weights(self, versions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        assert self.sender is not None, "open_weights first"
+        return {v: self.sender.held[v] for v in versions}
+
 
 class RayLearnerGroup:
     """The driver's handle on the ranks: the ``Learner`` protocol, each call sent to every rank."""
 
-    def __init__(self, cluster: RayCluster, config: TrainConfig, threads: int, gpus: bool):
+    def __init__(self, cluster: RayCluster, config: TrainConfig, threads: int, gpus: bool, threaded: bool = False):
+        """``threaded``: a ``control`` concurrency group, to abort rank 0's broadcast (the broadcast route)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.ray, self.cluster, self.world = cluster.ray, cluster, config.learner_ranks
         bundle = {"CPU": 1.0, "GPU": 1.0} if gpus else {"CPU": 1.0}
         self.group = cluster.place([dict(bundle) for _ in range(self.world)], "learner ranks")
-        remote = self.ray.remote(LearnerRank)
+        remote = remote_class(LearnerRank, {"control": 1} if threaded else None)
         self.ranks = [
             remote.options(
                 name=f"rlvr-learner-{r}",
@@ -151,6 +192,10 @@ class RayLearnerGroup:
 
     def weights_for_generation(self) -> dict[str, torch.Tensor]:
         return self.ray.get(self.weights_ref())
+
+    def weights_end(self, cuda: bool) -> _GroupEnd:
+        """Rank 0's end of the broadcast route, driven from here (``ray_weights.BroadcastRoute``)."""
+        return _GroupEnd(self, cuda)
 
     def save(self, path: str) -> None:
         self._all([rank.save.remote(path) for rank in self.ranks], "save")
@@ -200,3 +245,35 @@ class RayLearnerGroup:
                 logger.warning("ray: could not kill a learner rank: %s", e)
         self.ranks = []
         self.cluster.remove(self.group)
+
+
+class _GroupEnd:
+    """The broadcast route's sender when the learner is a rank group: rank 0 sends, every rank gathers."""
+
+    def __init__(self, group: RayLearnerGroup, cuda: bool):
+        self.group, self.cuda = group, cuda
+        self.rank0 = group.ranks[0]
+
+    def open(self, world: int) -> tuple[str, int]:
+        return self.group._all([self.rank0.open_weights.remote(world, self.cuda)], "open the weight group")[0]
+
+    def join(self, generation: int) -> list[Any]:
+        return [self.rank0.join_weights.remote(generation)]
+
+    def keep(self, version: int, state: dict[str, torch.Tensor], keep_from: int) -> None:
+        self.group._all([self.rank0.keep_weights.remote(version, state, keep_from)], "keep weights")
+
+    def publish(self, version: int, keep_from: int) -> list[Any]:
+        return [rank.publish_weights.remote(version, keep_from) for rank in self.group.ranks]
+
+    def send(self, versions: list[int]) -> list[Any]:
+        return [self.rank0.send_weights.remote(versions)]
+
+    def abort(self) -> None:
+        self.rank0.abort_weights.options(concurrency_group="control").remote()
+
+    def states(self, versions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        return self.group._all([self.rank0.held_weights.remote(versions)], "read the held weights")[0]
+
+    def close(self) -> None:
+        pass  # the ranks, and their groups, go with the RayLearnerGroup

@@ -74,6 +74,7 @@ from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choo
 from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
 from rlvr.trainer.metrics import RunLog, Stopwatch
 from rlvr.trainer.ray_cluster import RayCluster, require_ray
+from rlvr.trainer.ray_weights import choose_route, make_route
 from rlvr.trainer.rollout import RolloutBatch
 from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
 from rlvr.trainer.types import Learner
@@ -131,7 +132,9 @@ class _Session:
         from rlvr.trainer.ray_learner import RayLearnerGroup  # imports Ray: only here
 
         assert self.cluster is not None
-        self.group = RayLearnerGroup(self.cluster, config, role_threads(config), _gpus(config, self.cluster))
+        gpus = _gpus(config, self.cluster)
+        threaded = choose_route(config, gpus) == "broadcast"
+        self.group = RayLearnerGroup(self.cluster, config, role_threads(config), gpus, threaded)
         return self.group
 
     def close(self) -> None:
@@ -249,45 +252,43 @@ class _RayPipeline:
         self.ray, self.config = cluster.ray, config
         self.admission = Admission(config.max_staleness or 0)
         self.buffer: RolloutBuffer[_Step] = RolloutBuffer(self.admission, start + 1)
-        self.weights: dict[int, Any] = {}  # version -> ObjectRef of its weights
         self.partial: dict[int, dict[int, Any]] = {}  # step -> shard -> ShardResult
         self.next_send = start + 1
-        self.pool = GeneratorPool(cluster, config, role_threads(config), _gpus(config, cluster))
+        gpus = _gpus(config, cluster)
+        kind = choose_route(config, gpus)
+        self.pool = GeneratorPool(cluster, config, role_threads(config), gpus, threaded=kind == "broadcast")
         self.version = learner.version
         try:
-            for version, weights in sorted(lagged.items()):  # a resumed run's older versions, from its checkpoint
-                if version < learner.version:
-                    self.weights[version] = self.ray.put(weights)
+            self.route = make_route(kind, self.ray, self.pool, learner, gpus)
+            logger.info("ray: weights reach the generators by %s", self.route.name)
+            # A resumed run's older versions, from its checkpoint.
+            self.route.seed({v: w for v, w in lagged.items() if v < learner.version})
             self.publish(learner)
         except BaseException:
             self.pool.close()  # the session holds no pipeline yet: close the actors here
             raise
 
     def publish(self, learner: Learner) -> None:
-        """Put the learner's weights in the object store as its version; send the steps they admit."""
-        # A rank group hands out rank 0's copy in the store; a local learner's weights are put from here.
-        put = getattr(learner, "weights_ref", None)
-        self.weights[learner.version] = put() if put is not None else self.ray.put(learner.weights_for_generation())
+        """Hand the learner's weights to the generators as its version; send the steps they admit."""
         self.version = learner.version
-        oldest = self.admission.min_version(self.buffer.next_step)
-        for v in [v for v in self.weights if v < oldest and v != learner.version]:
-            del self.weights[v]  # no step still to learn was sampled with it
+        oldest = self.admission.min_version(self.buffer.next_step)  # no step still to learn needs older
+        self.route.publish(learner, min(oldest, learner.version))
         while self.next_send <= self.config.max_steps:
             version = self._version_for(self.next_send)
             if version is None:
                 break
-            self.pool.send(self.next_send, version, self.weights[version])
+            self.pool.send(self.next_send, version, self.route.argument(version))
             self.next_send += 1
 
     def lagged(self) -> dict[int, Any]:
         """Return the older versions the next steps are sampled with, for the checkpoint (exact resume)."""
         eta = self.admission.max_staleness
-        held = [v for v in self.weights if self.version - eta <= v < self.version]
-        return {v: self.ray.get(self.weights[v]) for v in held}
+        held = sorted(v for v in self.route.versions() if self.version - eta <= v < self.version)
+        return self.route.states(held)
 
     def _version_for(self, step: int) -> int | None:
         """Return the oldest held version that may sample ``step`` (exactly ``step - 1 - eta`` unless resumed)."""
-        admitted = [v for v in self.weights if self.admission.admits(step, v)]
+        admitted = [v for v in self.route.versions() if self.admission.admits(step, v)]
         return min(admitted) if admitted else None
 
     def take(self, step: int, learner: Learner) -> RolloutItem[_Step]:
@@ -316,5 +317,5 @@ class _RayPipeline:
         self.buffer.put(RolloutItem(step, min(r.version for r in results), payload))
 
     def close(self) -> None:
+        self.route.close()
         self.pool.close()
-        self.weights.clear()

@@ -43,6 +43,7 @@ BUCKET_BYTES = 256 * 2**20
 TIMEOUT = 300.0
 """Seconds a rendezvous or a broadcast may take before it is an error."""
 _POLL, _POLL_MAX = 0.0002, 0.005
+_RETIRED: list[dist.ProcessGroup] = []  # groups left, kept alive until their backends let go
 
 
 class WeightSyncAborted(RuntimeError):
@@ -111,7 +112,8 @@ class WeightGroup:
             store = dist.TCPStore(host, port, world, is_master=False, timeout=datetime.timedelta(seconds=timeout))
         self._store = store  # rank 0's hosts the rendezvous: it lives as long as the group
         prefixed = self._prefixed = dist.PrefixStore(f"rlvr-weights-{generation}", store)
-        self.manifest: Manifest | None = None
+        self._ids: dict[Manifest, int] = {}  # rank 0: manifests sent, by their id in the store
+        self._manifests: dict[str, Manifest] = {}  # the others: manifests read, by key
         span = datetime.timedelta(seconds=timeout)
         try:
             if device.type == "cuda":
@@ -130,15 +132,15 @@ class WeightGroup:
     def send(self, state: dict[str, torch.Tensor]) -> float:
         """Broadcast ``state`` (rank 0) in the manifest's buckets; return the bytes sent.
 
-        The first send of the group puts the manifest in the store, where the receivers
-        read it; every later state must have the same manifest (one model, many versions).
+        A header broadcast first names the state's manifest, put in the group's store the
+        first time it is sent (a checkpoint's lagged weights may list tied tensors
+        differently from the live ones): receivers need no model to know the layout.
         """
         manifest = Manifest.of(state)
-        if self.manifest is None:
-            self._prefixed.set("manifest", manifest.to_json())
-            self.manifest = manifest
-        elif manifest != self.manifest:
-            raise ValueError("weight group: the weights changed names, shapes or dtypes between versions")
+        if manifest not in self._ids:
+            self._ids[manifest] = len(self._ids)
+            self._prefixed.set(f"manifest/{self._ids[manifest]}", manifest.to_json())
+        self._broadcast(torch.tensor([self._ids[manifest]], dtype=torch.int64, device=self.device))
         sent = 0
         for bucket in manifest.buckets(self.bucket_bytes):
             flat = torch.cat([state[e.name].detach().reshape(-1).to(self.device, _dtype(e.dtype)) for e in bucket])
@@ -148,10 +150,12 @@ class WeightGroup:
 
     def recv(self) -> dict[str, torch.Tensor]:
         """Receive one version (ranks > 0): tensors on this member's device, views of the buckets."""
-        if self.manifest is None:  # rank 0's first send puts it in the store
-            self._wait(lambda: self._prefixed.check(["manifest"]), "the manifest")
-            self.manifest = Manifest.from_json(self._prefixed.get("manifest"))
-        manifest = self.manifest
+        header = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._broadcast(header)
+        key = f"manifest/{int(header.item())}"
+        if key not in self._manifests:  # put in the store by rank 0 before the header went out
+            self._manifests[key] = Manifest.from_json(self._prefixed.get(key))
+        manifest = self._manifests[key]
         state: dict[str, torch.Tensor] = {}
         for bucket in manifest.buckets(self.bucket_bytes):
             flat = torch.empty(sum(_numel(e.shape) for e in bucket), dtype=_dtype(bucket[0].dtype), device=self.device)
@@ -168,11 +172,22 @@ class WeightGroup:
         self._aborted.set()
 
     def close(self) -> None:
-        """Leave the group (best effort: a group whose peers are gone may not shut down cleanly)."""
-        try:
-            self.pg.abort() if self._aborted.is_set() else self.pg.shutdown()
-        except Exception:  # noqa: BLE001 - the group is being dropped either way
-            pass
+        """Leave the group without waiting: after an abort its backend may block until its own timeout.
+
+        Gloo's threads may be waiting on a peer that will never send (the sender aborted
+        mid-broadcast), and its shutdown or destructor would wait with them; so the group is
+        shut down (NCCL: aborted) in a daemon thread and kept referenced until then.
+        """
+        pg, aborted = self.pg, self._aborted.is_set()
+        _RETIRED.append(pg)
+
+        def finish() -> None:
+            try:
+                pg.abort() if aborted else pg.shutdown()
+            except Exception:  # noqa: BLE001 - the group is being dropped either way
+                pass
+
+        threading.Thread(target=finish, name="rlvr-weight-group-close", daemon=True).start()
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
@@ -219,3 +234,93 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"weight manifest: unknown dtype {name!r}")
     return dtype
+
+
+class WeightSender:
+    """Rank 0's end of the route: the current group, and the versions still needed.
+
+    The held versions (host copies, dropped once no step still to learn needs them) are
+    what a rebuilt group is sent again, so that a replaced generator gets the older
+    versions its steps sample with, and what a checkpoint saves as its lagged weights.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.held: dict[int, dict[str, torch.Tensor]] = {}
+        self.group: WeightGroup | None = None
+        self._store: dist.TCPStore | None = None
+
+    def open(self, host: str, world: int) -> int:
+        """Leave the old group; host a new rendezvous for ``world`` members; return its port."""
+        self.close()
+        self.host, self.world = host, world
+        self._store = open_store(host, world)
+        return self._store.port
+
+    def join(self, generation: int) -> None:
+        """Join the group opened last (blocks until every member is in)."""
+        assert self._store is not None, "open() first"
+        self.group = WeightGroup(self.host, self._store.port, 0, self.world, self.device, generation, self._store)
+
+    def keep(self, version: int, state: dict[str, torch.Tensor], keep_from: int) -> None:
+        """Hold a host copy of ``version``; drop versions older than ``keep_from`` (never the newest)."""
+        self.held[version] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        for v in [v for v in self.held if v < keep_from and v != version]:
+            del self.held[v]
+
+    def send(self, versions: list[int], live: dict[int, dict[str, torch.Tensor]] | None = None) -> float:
+        """Broadcast ``versions`` in order (from ``live`` where given, else the held copies); return bytes."""
+        assert self.group is not None, "join() first"
+        live = live or {}
+        return sum(self.group.send(live.get(v) or self.held[v]) for v in versions)
+
+    def abort(self) -> None:
+        if self.group is not None:
+            self.group.abort()
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+        self.group, self._store = None, None
+
+
+class WeightReceiver:
+    """A generator's end of the route: the current group and a ring of received versions.
+
+    ``receive`` runs in its own thread (the actor's ``weights`` concurrency group) while
+    ``get``, in the sampling thread, waits for the version a step names.
+    """
+
+    def __init__(self) -> None:
+        self.ring: dict[int, dict[str, torch.Tensor]] = {}
+        self.group: WeightGroup | None = None
+        self._changed = threading.Condition()
+
+    def join(self, host: str, port: int, rank: int, world: int, generation: int, device: torch.device) -> None:
+        """Leave the old group, join generation ``generation`` (the ring is kept)."""
+        if self.group is not None:
+            self.group.close()
+        self.group = None
+        self.group = WeightGroup(host, port, rank, world, device, generation)
+
+    def receive(self, version: int, keep_from: int) -> None:
+        """Receive the next broadcast as ``version``; drop versions older than ``keep_from``."""
+        assert self.group is not None, "join() first"
+        state = self.group.recv()
+        with self._changed:
+            self.ring[version] = state
+            for v in [v for v in self.ring if v < keep_from and v != version]:
+                del self.ring[v]
+            self._changed.notify_all()
+
+    def get(self, version: int, timeout: float = TIMEOUT) -> dict[str, torch.Tensor]:
+        """Return ``version`` once received; an error if it has not come within ``timeout``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: version in self.ring, timeout):
+                raise WeightSyncAborted(f"weight version {version} was not received within {timeout:.0f} s "
+                                        f"(held: {sorted(self.ring)})")  # fmt: skip
+            return self.ring[version]
+
+    def abort(self) -> None:
+        if self.group is not None:
+            self.group.abort()
