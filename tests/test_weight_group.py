@@ -31,12 +31,19 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _receiver(port: int, rank: int, world: int, versions: int, out: str) -> None:
+def _device(cuda: bool, rank: int) -> torch.device:
+    return torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+
+
+def _receiver(port: int, rank: int, world: int, versions: int, out: str, cuda: bool = False) -> None:
     torch.set_num_threads(1)
-    group = WeightGroup(HOST, port, rank, world, torch.device("cpu"), generation=0, timeout=60, bucket_bytes=4096)
-    got = [group.recv() for _ in range(versions)]
+    try:
+        group = WeightGroup(HOST, port, rank, world, _device(cuda, rank), generation=0, timeout=60,
+                            bucket_bytes=4096)  # fmt: skip
+        got = [{k: v.cpu() for k, v in group.recv().items()} for _ in range(versions)]
+    except WeightSyncAborted as e:
+        got = str(e)
     torch.save(got, out)
-    group.close()
 
 
 def test_buckets_keep_order_split_by_dtype_and_size():
@@ -135,3 +142,46 @@ def test_a_rendezvous_without_peers_times_out_with_a_clear_error():
     with pytest.raises(WeightSyncAborted):
         WeightGroup(HOST, store.port, 0, 2, torch.device("cpu"), generation=0, store=store, timeout=2)
     assert time.monotonic() - start < 20
+
+
+def _two_members(tmp_path, cuda: bool) -> tuple[list[dict[str, torch.Tensor]], object]:
+    """Rank 0 here sends two versions to rank 1 in a subprocess; return what was sent and what arrived."""
+    store = open_store(HOST, 2)
+    out = str(tmp_path / "r1.pt")
+    proc = mp.get_context("spawn").Process(target=_receiver, args=(store.port, 1, 2, 2, out, cuda))
+    proc.start()
+    sent = [_state(1), _state(2)]
+    try:
+        group = WeightGroup(HOST, store.port, 0, 2, _device(cuda, 0), generation=0, store=store, timeout=60,
+                            bucket_bytes=4096)  # fmt: skip
+        for state in sent:
+            group.send({k: v.to(_device(cuda, 0)) for k, v in state.items()})
+    except WeightSyncAborted as e:
+        proc.join(60)
+        return sent, str(e)
+    proc.join(60)
+    assert proc.exitcode == 0
+    return sent, torch.load(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per member: two GPUs")
+def test_nccl_members_on_two_gpus_get_every_version_bit_for_bit(tmp_path):
+    sent, got = _two_members(tmp_path, cuda=True)
+    assert isinstance(got, list), got
+    for want, have in zip(sent, got):
+        assert all(have[k].dtype == want[k].dtype and torch.equal(have[k], want[k]) for k in want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() != 1, reason="the one-GPU case")
+def test_nccl_members_sharing_one_gpu_arrive_intact_or_fail_with_the_hint(tmp_path):
+    """NCCL refuses two ranks on one GPU ('Duplicate GPU'): the error must say what to do, never hang."""
+    start = time.monotonic()
+    sent, got = _two_members(tmp_path, cuda=True)
+    assert time.monotonic() - start < 120
+    if isinstance(got, str):
+        assert "one member per GPU" in got and "--weight-sync object-store" in got, got
+    else:
+        for want, have in zip(sent, got):
+            assert all(torch.equal(have[k], want[k]) for k in want)

@@ -195,14 +195,15 @@ class WeightGroup:
         who = f"weight group member {self.rank} of {self.world}"
         try:
             work = self.pg.broadcast([tensor], opts)
-        except RuntimeError as e:  # torch's DistBackendError: a peer is gone, say
-            raise WeightSyncAborted(f"{who}: the broadcast failed: {e}") from e
+        except RuntimeError as e:  # torch's DistBackendError: a peer is gone, NCCL refused, ...
+            self._aborted.set()
+            raise WeightSyncAborted(f"{who}: the broadcast failed: {e}{_hint(e)}") from e
         self._wait(work.is_completed, "a broadcast")
         try:
             work.wait()  # raises the backend's error, if the collective failed
         except RuntimeError as e:
             self._aborted.set()
-            raise WeightSyncAborted(f"{who}: the broadcast failed: {e}") from e
+            raise WeightSyncAborted(f"{who}: the broadcast failed: {e}{_hint(e)}") from e
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -220,6 +221,13 @@ class WeightGroup:
                 )
             time.sleep(pause)
             pause = min(2 * pause, _POLL_MAX)  # quick for a short wait, a few requests a second for a long one
+
+
+def _hint(error: Exception) -> str:
+    if "Duplicate GPU" in str(error):
+        return ("\nNCCL allows one member per GPU, and two members of the weight group share one: "
+                "give each generator and the learner's rank 0 a GPU of its own, or use --weight-sync object-store")
+    return ""
 
 
 def _numel(shape: tuple[int, ...]) -> int:
