@@ -373,3 +373,22 @@ def test_broadcast_route_resumes_with_the_lagged_versions(two_generators, assets
     records = read_metrics(train_ray(_config(assets, tmp_path, max_steps=6, resume="latest", **common)).metrics_path)
     for want, got in zip(two_generators, records):
         assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_broadcast_route_from_rank_0_of_a_zero3_rank_group_matches_the_object_store(local_ray, assets, tmp_path):
+    """Two ZeRO-3 rank actors (gathering the weights is collective) and rank 0 broadcasting to the generator."""
+    common = dict(max_steps=3, learner="deepspeed", zero_stage=3, learner_ranks=2, max_staleness=1)
+    runs = {
+        sync: read_metrics(train_ray(_config(assets, tmp_path / sync, weight_sync=sync, **common)).metrics_path)
+        for sync in ("object-store", "broadcast")
+    }
+    assert [r["policy_version"] for r in runs["broadcast"]] == [0.0, 0.0, 1.0]
+    for want, got in zip(runs["object-store"], runs["broadcast"]):
+        assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
+    # The checkpoint's lagged version came from rank 0's held copies.
+    lagged, want = (load_file(tmp_path / sync / "checkpoints" / "step_000003" / "lagged_weights" / "version_000002.safetensors")
+                    for sync in ("broadcast", "object-store"))  # fmt: skip
+    assert lagged.keys() == want.keys() and all(torch.equal(lagged[k], want[k]) for k in want)
+    assert _named_actors() == []

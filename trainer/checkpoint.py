@@ -105,7 +105,9 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml(config))
         for version, weights in (lagged or {}).items():
             (tmp / LAGGED).mkdir(exist_ok=True)
-            tensors = {k: v.contiguous() for k, v in weights.items()}
+            # Own copies: tied tensors (embedding and LM head) may arrive sharing one storage
+            # (a rank actor's gathered weights through Ray), which safetensors refuses.
+            tensors = {k: v.detach().clone().contiguous() for k, v in weights.items()}
             save_file(tensors, tmp / LAGGED / f"version_{version:06d}.safetensors")
         write_manifest(tmp)  # last: every rank's files are in place (barrier above)
         if final.exists():
