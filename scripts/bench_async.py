@@ -24,10 +24,13 @@ Runs and their threads (``--torch-threads``):
 - ``sync, vllm, 1 thr`` and ``async vllm, eta=k``: the same with ``--generator vllm`` (vLLM's
   engine in-process, in the learner process or in the generator process; weights sent to
   it after every step), when vLLM is installed (``--vllm-etas`` with no value: none).
-- ``ray N gen, eta=k``: ``--cluster ray`` on a local Ray (``ray_trainer.py``): N generator
-  actors of one thread each and the learner in the driver (one thread), weights and
-  rollouts through Ray's object store instead of shared memory (``--ray-generators`` with
-  no value: none); with two generators three one-thread roles share two cores.
+- ``ray N gen store|bcast, eta=k``: ``--cluster ray`` on a local Ray (``ray_trainer.py``):
+  N generator actors of one thread each and the learner in the driver (one thread),
+  rollouts through Ray's object store instead of shared memory, and the weights by the
+  route ``--ray-weight-sync`` names: ``store`` (one ``ray.put`` per version, a ``ray.get``
+  per actor) or ``bcast`` (a gloo broadcast from the driver to the actors,
+  ``weight_group.py``); ``--ray-generators`` with no value: no Ray rows. With two
+  generators three one-thread roles share two cores.
 
 The time compared is the steady state: the wall time of steps ``--warmup + 1 .. steps``
 as the learner sees them (``time/step`` summed), which leaves out process start, model
@@ -199,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the Ray rows (--cluster ray, a local Ray): one per number of generator actors, at --ray-eta",
     )
     parser.add_argument("--ray-eta", type=int, default=1)
+    parser.add_argument(
+        "--ray-weight-sync",
+        nargs="+",
+        default=["object-store", "broadcast"],
+        choices=["object-store", "broadcast"],
+        help="the weight routes of the Ray rows (--weight-sync): one row per route and number of generators",
+    )
     args = parser.parse_args(argv)
 
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), cpus: {os.cpu_count()}")
@@ -238,11 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray_generators and not installed("ray"):
             print("ray is not installed: no Ray rows")
         for n in args.ray_generators if installed("ray") else []:
-            ray_n = config(f"ray{n}", torch_threads=2, max_staleness=args.ray_eta, cluster="ray", num_generators=n)
-            runs.append(_measure(f"ray {n} gen, eta={args.ray_eta}", ray_n, args.warmup))
+            for sync in args.ray_weight_sync:
+                ray_n = config(f"ray{n}{sync}", torch_threads=2, max_staleness=args.ray_eta, cluster="ray",
+                               num_generators=n, weight_sync=sync)  # fmt: skip
+                runs.append(_measure(f"ray {n} gen {_SHORT[sync]}, eta={args.ray_eta}", ray_n, args.warmup))
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
     _report(runs, args)
     return 0
+
+
+_SHORT = {"object-store": "store", "broadcast": "bcast"}
 
 
 def _report(runs: list[Run], args: argparse.Namespace) -> None:
@@ -255,7 +270,7 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
     )
     print(f"sync 1 thread stages per step: generation {base.generation:.3f} s, learning {base.learning:.3f} s\n")
     header = (
-        f"{'run':<20}{'wall s':>8}{'steady s':>10}{'s/step':>8}{'speed-up':>10}"
+        f"{'run':<24}{'wall s':>8}{'steady s':>10}{'s/step':>8}{'speed-up':>10}"
         f"{'vs sync2':>10}{'learner idle':>14}{'gen idle':>10}{'staleness':>11}{'weights ms':>11}{'load mean/max':>15}"
     )
     print(header)
@@ -267,7 +282,7 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
         idle = f"{'-':>14}{'-':>10}{'-':>11}" if sync else f"{r.learner_idle:>14.2f}{r.generator_idle:>10.2f}"
         stale = "" if sync else f"{r.staleness:>11.2f}"
         print(
-            f"{r.name:<20}{r.wall:>8.1f}{r.steady:>10.2f}{r.steady / steady_steps:>8.3f}"
+            f"{r.name:<24}{r.wall:>8.1f}{r.steady:>10.2f}{r.steady / steady_steps:>8.3f}"
             f"{base.steady / r.steady:>10.2f}{vs2}{idle}{stale}{r.weights_ms:>11.1f}"
             f"{r.load_mean:>9.2f}/{r.load_max:.2f}"
         )

@@ -388,7 +388,7 @@ def test_broadcast_route_from_rank_0_of_a_zero3_rank_group_matches_the_object_st
     for want, got in zip(runs["object-store"], runs["broadcast"]):
         assert {k: got[k] for k in REWARD_KEYS} == {k: want[k] for k in REWARD_KEYS}, want["step"]
     # The checkpoint's lagged version came from rank 0's held copies.
-    lagged, want = (load_file(tmp_path / sync / "checkpoints" / "step_000003" / "lagged_weights" / "version_000002.safetensors")
-                    for sync in ("broadcast", "object-store"))  # fmt: skip
+    version_2 = Path("checkpoints", "step_000003", "lagged_weights", "version_000002.safetensors")
+    lagged, want = (load_file(tmp_path / sync / version_2) for sync in ("broadcast", "object-store"))
     assert lagged.keys() == want.keys() and all(torch.equal(lagged[k], want[k]) for k in want)
     assert _named_actors() == []

@@ -62,7 +62,7 @@ def test_buckets_keep_order_split_by_dtype_and_size():
     assert [len(b) for b in big.buckets(1024)] == [1]  # larger than a bucket: alone
     assert Manifest.from_json(manifest.to_json()) == manifest
     with pytest.raises(ValueError, match="unknown dtype 'complex7'"):
-        Entry("x", (1,), "complex7").nbytes
+        _ = Entry("x", (1,), "complex7").nbytes
 
 
 def test_two_receivers_get_every_version_bit_for_bit(tmp_path):

@@ -21,9 +21,14 @@ Invariants:
    finished first, or on whether an actor was replaced.
 2. **In order per actor.** An actor runs its calls one at a time in the order sent (a
    Ray actor's default); the driver never has more than ``eta + 1`` steps out.
-3. **Weights by reference.** ``play`` gets the weights as an ``ObjectRef`` inside a list
-   (so Ray does not resolve it on the way in) and fetches them only when its version
-   differs from the one asked for: each actor copies each version once.
+3. **Weights by reference, or by broadcast.** With the object-store route ``play`` gets
+   the weights as an ``ObjectRef`` inside a list (so Ray does not resolve it on the way
+   in) and fetches them only when its version differs from the one asked for: each actor
+   copies each version once. With the broadcast route (``ray_weights.py``) the actor is
+   threaded, with concurrency groups ``weights`` (``join_weights``, ``receive_weights``:
+   into a ring of versions) and ``control`` (``abort_weights``) beside the default one
+   (``play``), each running its calls in the order sent; ``play`` gets ``[None]`` and
+   waits for its version in the ring.
 4. **Deaths are named, never waited on.** The driver waits on results with a timeout;
    a result of a dead actor is a ``RayActorError``, turned into a
    :class:`RayGeneratorError` naming the actor, its pid and node, and Ray's cause; with
@@ -268,7 +273,7 @@ class GeneratorPool:
         return results
 
     def died(self, shard: int, error: Any) -> RayGeneratorError:
-        """The error of actor ``shard``'s death (``error``: Ray's RayActorError), naming it."""
+        """Return the error of actor ``shard``'s death (``error``: Ray's RayActorError), naming it."""
         actor = self.actors[shard]
         who = str(actor.place) if actor.place else f"rlvr-generator-{shard} (before it was ready)"
         cause = str(error).strip()

@@ -8,8 +8,9 @@ The same steps, objective and staleness bound as the one-machine pipeline
 Ray actors (``ray_actors.py``) and the shared-memory transport by Ray's object store:
 
     driver (here: the learner)                         generator actors k = 0 .. N-1
-    after step s-1: put weights v = s-1 in the store   play(step, [ref of v(step)], v(step)):
-    send every admissible step d <= s + eta ───────>     fetch v(step) if not held, play shard k
+    after step s-1: publish weights v = s-1            play(step, [ref of v(step) | None], v(step)):
+      (object store, or broadcast to every actor)        fetch v(step) (store) or wait for it in
+    send every admissible step d <= s + eta ───────>     the ring (broadcast), play shard k
     wait until all N shards of step s are in  <───────   return the shard (through the store)
     advantages over the whole batch, pack, learn step s
 
@@ -29,12 +30,14 @@ The loss is the decoupled objective chosen per batch as in ``async_trainer.py``:
 exact loss for batches sampled by the learner's current weights, the importance-weighted
 one for stale batches.
 
-Where this departs from the one-machine pipeline: weights travel pickled through the
-object store (one ``ray.put`` per step, one copy per actor and version; on GPUs an NCCL
-group between the learner and the engines would avoid the host round trip and is not
-built). The learner runs in the driver process, or with ``--learner-ranks M`` (DeepSpeed)
-as ``M`` rank actors driven from here (``ray_learner.py``): the driver packs each batch and
-sends every rank its shard, and rank 0's gathered weights go to the store directly.
+Where this departs from the one-machine pipeline: weights reach the actors by the route
+``--weight-sync`` names (``ray_weights.py``): through the object store (one ``ray.put``
+per version, one copy per actor and version), or broadcast by the learner's rank 0 over a
+weight group of its own with the actors (``weight_group.py``: NCCL on GPUs, gloo on CPUs).
+The learner runs in the driver process, or with ``--learner-ranks M`` (DeepSpeed) as ``M``
+rank actors driven from here (``ray_learner.py``): the driver packs each batch and sends
+every rank its shard, and rank 0's gathered weights go to the store, or out on the
+broadcast, directly.
 
 Invariants of the concurrent code:
 

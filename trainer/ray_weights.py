@@ -81,7 +81,7 @@ class ObjectStoreRoute:
         return set(self.refs)
 
     def argument(self, version: int) -> Any:
-        """What ``play`` gets for ``version``: its reference."""
+        """Return what ``play`` gets for ``version``: its reference."""
         return self.refs[version]
 
     def states(self, versions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -166,7 +166,7 @@ class BroadcastRoute:
         return self.end.states(versions)
 
     def rebuild(self) -> None:
-        """A new generation of the group with every current actor; send every held version again."""
+        """Build a new generation of the group with every current actor; send every held version again."""
         if self._replacing:
             return  # the route replaces actors itself and rebuilds once they are all in
         self.generation += 1
@@ -178,7 +178,9 @@ class BroadcastRoute:
             )
             for k, a in enumerate(self.pool.actors)
         ]
-        self._wait(self.end.join(self.generation), self._by_shard(joins), f"the weight group's rendezvous at {host}:{port}")
+        self._wait(
+            self.end.join(self.generation), self._by_shard(joins), f"the weight group's rendezvous at {host}:{port}"
+        )
         versions = sorted(self.held)
         if versions:
             receives = [self._on_actors("receive_weights", v, versions[0]) for v in versions]
@@ -201,7 +203,10 @@ class BroadcastRoute:
         dead: dict[int, Exception] = {}
         while not dead:
             dead = self._dead(actors)
-            if dead or (all(_done(self.ray, r) for r in sender) and all(_done(self.ray, r) for rs in actors.values() for r in rs)):
+            if dead or (
+                all(_done(self.ray, r) for r in sender)
+                and all(_done(self.ray, r) for rs in actors.values() for r in rs)
+            ):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weight sync: {what} did not finish within {_SYNC_TIMEOUT:.0f} s")
@@ -246,12 +251,12 @@ class BroadcastRoute:
 
 
 def make_route(kind: str, ray: Any, pool: Any, learner: Any, cuda: bool) -> ObjectStoreRoute | BroadcastRoute:
-    """The route ``kind`` (from :func:`choose_route`); ``cuda``: the members hold GPUs (NCCL)."""
+    """Build the route ``kind`` (from :func:`choose_route`); ``cuda``: the members hold GPUs (NCCL)."""
     return BroadcastRoute(ray, pool, learner, cuda) if kind == "broadcast" else ObjectStoreRoute(ray)
 
 
 def transport_device(cuda: bool) -> torch.device:
-    """The device the group's tensors live on: the member's GPU under NCCL, the CPU under gloo."""
+    """Return the device the group's tensors live on: the member's GPU under NCCL, the CPU under gloo."""
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 

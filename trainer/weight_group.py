@@ -207,7 +207,6 @@ class WeightGroup:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-
     def _wait(self, done: Callable[[], bool], what: str) -> None:
         """Poll ``done`` until true; raise WeightSyncAborted on abort or after the group's timeout."""
         deadline, pause = time.monotonic() + self.timeout, _POLL
@@ -225,8 +224,10 @@ class WeightGroup:
 
 def _hint(error: Exception) -> str:
     if "Duplicate GPU" in str(error):
-        return ("\nNCCL allows one member per GPU, and two members of the weight group share one: "
-                "give each generator and the learner's rank 0 a GPU of its own, or use --weight-sync object-store")
+        return (
+            "\nNCCL allows one member per GPU, and two members of the weight group share one: "
+            "give each generator and the learner's rank 0 a GPU of its own, or use --weight-sync object-store"
+        )
     return ""
 
 
