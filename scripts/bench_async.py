@@ -58,6 +58,14 @@ also pay a ``ray.get`` per shard and the actors' scheduling, which is what the l
 waits on here; on this model the object store is the cost of crossing machines, not a
 speed-up on one.
 
+With the weight routes side by side (``--etas 1 --vllm-etas --no-sync-2 --ray-generators
+1 2``, idle VM, load 0.5-1.2): sync 1 thread 0.406 s/step, async eta=1 0.240 (weights 4.8
+ms); ray 1 generator: object store 0.411 s/step (weights 18.8 ms), broadcast 0.376 (15.4
+ms); 2 generators: object store 0.354 (74.8 ms), broadcast 0.368 (28.0 ms). The gloo
+broadcast moves the weights 1.2x faster to one actor and 2.7x faster to two (one send
+however many actors, no pickling); the step times differ by less than the runs' noise,
+as the learner's idle time is Ray's scheduling, not the weights.
+
 Timings on a shared machine are meaningless: the script samples the 1-minute load
 average every second during each run and prints its mean and max per run (the bench
 itself puts about 1 on it, 2 for the pipeline); run it on an otherwise idle machine.

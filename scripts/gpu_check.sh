@@ -42,3 +42,20 @@ print(f"steps {len(rows)}; reward_mean first 5 {mean(first, 'reward_mean'):.3f},
       f"time/step last 5 {mean(last, 'time/step'):.3f} s")
 EOF
 done
+
+if python3 -c "import ray" 2>/dev/null; then
+    # 4. the Ray pipeline on CUDA: the generator actor's bundle names a GPU. With one GPU the
+    # driver's learner shares it with the actor: the object store route (auto) runs, and the
+    # broadcast route must stop at once with NCCL's one-member-per-GPU error, not hang.
+    export RAY_AUTH_MODE=disabled
+    echo "== 4. train.py --cluster ray on CUDA, weight sync auto"
+    time (timeout 180 python3 scripts/train.py --env arithmetic --device cuda --cluster ray --num-generators 1 \
+        --max-staleness 1 --max-steps 10 --no-progress --output-dir "$OUT/ray" 2>&1 | grep -v "^ *$" | tail -n 12)
+    python3 -c "import json; r=[json.loads(l) for l in open('$OUT/ray/metrics.jsonl')]; print('steps', len(r), 'weights/step ms', round(1e3*sum(x['time/weight_publish']+x['time/weight_receive'] for x in r[2:])/len(r[2:]),1))"
+    echo "== 4b. train.py --cluster ray on CUDA, --weight-sync broadcast, one GPU"
+    time (timeout 180 python3 scripts/train.py --env arithmetic --device cuda --cluster ray --num-generators 1 \
+        --max-staleness 1 --max-steps 10 --no-progress --weight-sync broadcast --output-dir "$OUT/ray_bcast" 2>&1 \
+        | grep -E "Error|NCCL allows|weight group|rlvr\]" | cut -c1-400 | tail -n 8)
+    pgrep -fa "ray::|raylet|gcs_server" | head -5 || true
+    echo "(no Ray process left above: nothing listed)"
+fi

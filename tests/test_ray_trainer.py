@@ -284,6 +284,8 @@ def test_cluster_ray_without_ray_installed_says_what_to_install(assets, tmp_path
         (["--cluster", "slurm"], "invalid choice: 'slurm'"),
         (["--cluster", "ray", "--learner-ranks", "2"], "learner_ranks needs --cluster ray and --learner deepspeed"),
         (["--cluster", "ray", "--learner", "deepspeed", "--learner-ranks", "3"], "must divide the 32 episodes"),
+        (["--weight-sync", "broadcast"], "weight_sync needs --cluster ray"),
+        (["--cluster", "ray", "--weight-sync", "nccl"], "invalid choice: 'nccl'"),
     ],
 )
 def test_bad_cluster_flags_are_usage_errors(flags, message):

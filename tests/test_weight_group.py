@@ -15,6 +15,8 @@ import time
 
 import pytest
 import torch
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.ray_weights import choose_route
 from rlvr.trainer.weight_group import Entry, Manifest, WeightGroup, WeightSyncAborted, open_store
 
 HOST = "127.0.0.1"
@@ -63,6 +65,18 @@ def test_buckets_keep_order_split_by_dtype_and_size():
     assert Manifest.from_json(manifest.to_json()) == manifest
     with pytest.raises(ValueError, match="unknown dtype 'complex7'"):
         _ = Entry("x", (1,), "complex7").nbytes
+
+
+def test_auto_broadcasts_only_where_every_member_has_a_gpu_of_its_own():
+    def route(gpus: bool, **kw) -> str:
+        return choose_route(TrainConfig(cluster="ray", **kw), gpus)
+
+    assert route(False) == "object-store" and route(False, learner="deepspeed", learner_ranks=2) == "object-store"
+    assert route(True, learner="deepspeed", learner_ranks=2) == "broadcast"  # rank 0: an actor with its own GPU
+    assert route(True) == "object-store"  # the driver's learner may share a GPU with an actor
+    assert route(False, weight_sync="broadcast") == "broadcast" and route(True, weight_sync="object-store") == (
+        "object-store"
+    )
 
 
 def test_two_receivers_get_every_version_bit_for_bit(tmp_path):

@@ -199,7 +199,7 @@ class BroadcastRoute:
 
     def _wait(self, sender: list[Any], actors: dict[int, list[Any]], what: str) -> None:
         """Wait for rank 0 and the actors; on an actor's death abort, replace and rebuild (invariant 2)."""
-        deadline = time.monotonic() + _SYNC_TIMEOUT
+        deadline, pause = time.monotonic() + _SYNC_TIMEOUT, 0.001
         dead: dict[int, Exception] = {}
         while not dead:
             dead = self._dead(actors)
@@ -210,7 +210,8 @@ class BroadcastRoute:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weight sync: {what} did not finish within {_SYNC_TIMEOUT:.0f} s")
-            time.sleep(_POLL)
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL)  # a broadcast of a small model is done in milliseconds
         if not dead:
             for r in sender:
                 _result(self.ray, r)  # the learner's error, if any
