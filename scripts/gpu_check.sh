@@ -4,6 +4,8 @@
 #   bash scripts/gpu_check.sh              # with rlvr and its dependencies installed
 #   WHEELS=.whl bash scripts/gpu_check.sh  # a machine with torch and transformers but no index:
 #                                          # install the pure-Python wheels in .whl first
+#   RAY_TAR=ray_site.tgz                   # and unpack a Ray site folder there (step 4)
+#   STEPS="1 4"                            # only these steps (default: all)
 #
 # 1. the weight group over NCCL and gloo side by side (scripts/bench_weight_sync.py);
 # 2. the GPU tests (pytest -m gpu): NCCL members bit for bit, or a clear error where two
@@ -20,15 +22,23 @@ if [ -n "${WHEELS:-}" ]; then
     for d in verifiers envs trainer datasets; do ln -sfn "$PWD/$d" /tmp/rlvr_shim/rlvr/$d; done
     export PYTHONPATH=/tmp/rlvr_shim:/tmp/rlvr_site:${PYTHONPATH:-}
 fi
+[ -n "${RAY_TAR:-}" ] && mkdir -p /tmp/rlvr_site && tar xzf "$RAY_TAR" -C /tmp/rlvr_site
+STEPS=${STEPS:-1 2 3 4}
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version(), 'transformers', transformers.__version__)"
 
-echo "== 1. weight sync: gloo and NCCL, 1 GB versions"
-timeout 180 python3 scripts/bench_weight_sync.py --mb 1024 --versions 3 --backends gloo nccl
-echo "== 2. GPU tests"
-timeout 120 python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_weight_group.py
+if step 1; then
+    echo "== 1. weight sync: gloo and NCCL, 1 GB versions"
+    timeout 180 python3 scripts/bench_weight_sync.py --mb 1024 --versions 3 --backends gloo nccl
+fi
+if step 2; then
+    echo "== 2. GPU tests"
+    timeout 120 python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_weight_group.py
+fi
 for mode in sync async; do
+    step 3 || break
     echo "== 3. train.py on CUDA, $mode"
     extra=(); [ "$mode" = async ] && extra=(--max-staleness 1)
     time (timeout 120 python3 scripts/train.py --env arithmetic --device cuda --max-steps 20 --no-progress \
@@ -43,7 +53,9 @@ print(f"steps {len(rows)}; reward_mean first 5 {mean(first, 'reward_mean'):.3f},
 EOF
 done
 
-if python3 -c "import ray" 2>/dev/null; then
+if step 4 && ! python3 -c "import ray"; then
+    echo "== 4. skipped: ray does not import"
+elif step 4; then
     # 4. the Ray pipeline on CUDA: the generator actor's bundle names a GPU. With one GPU the
     # driver's learner shares it with the actor: the object store route (auto) runs, and the
     # broadcast route must stop at once with NCCL's one-member-per-GPU error, not hang.
