@@ -188,17 +188,23 @@ def test_a_cluster_too_small_for_the_generators_is_an_error_not_a_wait(local_ray
 
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_generator_actors_run_vllm_engines(tmp_path):
-    """Two actors, each with its own vLLM engine (the CPU build here), taking new weights in place."""
+@pytest.mark.parametrize("weight_sync", ["object-store", "broadcast"])
+def test_generator_actors_run_vllm_engines(tmp_path, weight_sync):
+    """Two actors, each with its own vLLM engine (the CPU build here), taking new weights in place.
+
+    With the broadcast route the actors are threaded (weights arrive beside ``play``): the
+    in-process engine must work from the sampling thread all the same.
+    """
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "scripts" / "train.py"), "--env", "arithmetic", "--cluster", "ray",
             "--generator", "vllm", "--num-generators", "2", "--max-staleness", "1", "--max-steps", "3",
             "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8", "--output-dir", str(out),
-            "--no-progress"]  # fmt: skip
+            "--no-progress", "--weight-sync", weight_sync]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "generator: vllm (requested), in 2 Ray actor(s)" in proc.stderr
+    assert f"weights reach the generators by {weight_sync}" in proc.stderr
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["time/weight_receive"] > 0  # version 1 reached the engines for step 3
