@@ -235,14 +235,14 @@ def test_sigint_stops_train_py_and_every_ray_process_within_seconds(assets, tmp_
         assert len(children) >= 4  # Ray's own processes and the two actors
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=60)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, stderr[-3000:]
-    assert "interrupted" in stderr and took < 30
+    assert "interrupted" in stderr and took < 60  # no hang (a few seconds idle; a loaded CI machine is slower)
     deadline = time.monotonic() + 10
     while [p for p in children if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -95,7 +95,7 @@ from rlvr.trainer.metrics import RunLog, Stopwatch
 from rlvr.trainer.rollout import RolloutBatch
 from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
 from rlvr.trainer.types import Learner
-from rlvr.trainer.weight_transport import SharedMemoryTransport
+from rlvr.trainer.weight_transport import SharedMemoryTransport, TransportError
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -389,7 +389,16 @@ class _Pipeline:
         return self.buffer.take(step, learner.version)
 
     def publish(self, learner: Learner) -> None:
-        self.transport.publish(learner.weights_for_generation(), learner.version)
+        try:
+            self.transport.publish(learner.weights_for_generation(), learner.version)
+        except TransportError:
+            if self.process is None or self.process.alive():
+                raise
+            # The generator died holding the transport's lock (it takes it to read weights):
+            # its death is the error. The next take() reports it, or restarts the generator
+            # with a fresh transport that gets these weights (``_start``).
+            logger.warning("the generator died holding the weight transport's lock; version %d not published "
+                           "to it", learner.version)  # fmt: skip
 
     def close(self) -> None:
         if self.process is not None:

@@ -244,6 +244,9 @@ class GeneratorProcess:
     def pid(self) -> int | None:
         return self.process.pid
 
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
     def _read(self) -> None:
         try:
             while True:
