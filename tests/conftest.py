@@ -3,6 +3,10 @@ and the tiny random model with a dense-reward environment the pipeline tests tra
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,31 @@ def assets(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(root / "tiny")
     (root / "envs.py").write_text(ENV_SOURCE)
     return root
+
+
+# Popen(env=HANG_DUMP_ENV): Python's faulthandler prints every thread's stack on SIGABRT.
+HANG_DUMP_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def interrupt_and_wait(proc: subprocess.Popen, bound: float) -> tuple[str, float]:
+    """Send SIGINT to ``proc`` (started with ``env=HANG_DUMP_ENV``); return its stderr and the seconds to exit.
+
+    A process still running after ``bound`` seconds fails the test with every thread's stack
+    (SIGABRT through faulthandler), so that a hang seen once in a long CI run says where it was.
+    """
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            _, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        pytest.fail(f"no exit within {bound} s of SIGINT; its threads then:\n{stderr[-12000:]}")
+    return stderr, time.monotonic() - sent
 
 
 def tiny_config(assets: Path, out: Path, **overrides) -> TrainConfig:

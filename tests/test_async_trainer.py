@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import HANG_DUMP_ENV, interrupt_and_wait, tiny_config
 from rlvr.trainer.async_trainer import train_async
 from rlvr.trainer.generator_worker import GeneratorError
 from rlvr.trainer.grpo import train
@@ -189,7 +189,9 @@ def test_sigint_stops_train_py_and_both_processes_within_seconds(assets, tmp_pat
         "--model", str(assets / "tiny"), "--max-staleness", "1", "--max-steps", "100000", "--group-size", "4",
         "--prompts-per-step", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=HANG_DUMP_ENV
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
@@ -198,10 +200,7 @@ def test_sigint_stops_train_py_and_both_processes_within_seconds(assets, tmp_pat
             time.sleep(0.1)
         children = _descendants(proc.pid)
         assert _generator_pid(proc.pid) in children
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
+        stderr, took = interrupt_and_wait(proc, 30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import HANG_DUMP_ENV, interrupt_and_wait, tiny_config
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.grpo import train
 from rlvr.trainer.metrics import read_metrics
@@ -224,7 +223,9 @@ def _train_args(assets: Path, out: Path, *extra: str) -> list[str]:
 def test_sigint_stops_train_py_and_every_ray_process_within_seconds(assets, tmp_path):
     out = tmp_path / "run"
     args = _train_args(assets, out, "--num-generators", "2", "--max-staleness", "1", "--max-steps", "100000")
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=HANG_DUMP_ENV
+    )
     try:
         deadline = time.monotonic() + 180
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
@@ -233,10 +234,7 @@ def test_sigint_stops_train_py_and_every_ray_process_within_seconds(assets, tmp_
             time.sleep(0.1)
         children = process_tree(proc.pid)[1:]
         assert len(children) >= 4  # Ray's own processes and the two actors
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
+        stderr, took = interrupt_and_wait(proc, 60)
     finally:
         if proc.poll() is None:
             proc.kill()
