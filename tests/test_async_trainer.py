@@ -244,7 +244,6 @@ def test_a_generator_that_dies_holding_the_weight_lock_is_reported_as_its_death(
     from rlvr.trainer.default_model import load_model
     from rlvr.trainer.engines import build_learner
 
-    monkeypatch.setattr(weight_transport, "_LOCK_TIMEOUT", 1.0)
     config = tiny_config(assets, tmp_path, max_staleness=1)
     model, _ = load_model(config.model)
     learner = build_learner(config, model, torch.device("cpu"), objective="decoupled")
@@ -257,12 +256,15 @@ def test_a_generator_that_dies_holding_the_weight_lock_is_reported_as_its_death(
             time.sleep(0.01)
         os.kill(pipeline.process.pid, signal.SIGKILL)  # the generator dies (here the lock is the holder's)
         pipeline.process.process.join(10)
+        sent = time.monotonic()
         pipeline.publish(learner)  # no TransportError: the generator is dead, its death is the error
+        assert time.monotonic() - sent < weight_transport._LOCK_TIMEOUT / 2  # its death ended the wait, not the timeout
         with pytest.raises(GeneratorError, match="died without reporting an error: killed by signal SIGKILL"):
             for step in range(1, 4):  # batches it sent before it died come first (at most eta + 1 = 2)
                 pipeline.take(step, learner)
         holder.kill()
         # A live generator and a lock nobody frees: that stays an error (nothing to blame but the lock).
+        monkeypatch.setattr(weight_transport, "_LOCK_TIMEOUT", 1.0)
         other = pipeline.ctx.Process(target=_hold_forever, args=(pipeline.transport._lock,), daemon=True)
         monkeypatch.setattr(pipeline.process, "alive", lambda: True)
         other.start()

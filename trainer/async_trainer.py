@@ -367,6 +367,8 @@ class _Pipeline:
             config=self.config, start_step=after_step, threads=role_threads(self.config), parent_pid=os.getpid()
         )
         self.process = GeneratorProcess(self.ctx, spec, self.transport)
+        # Its death while holding the transport's lock then ends a publish at once (see publish).
+        self.transport.watch(lambda: self.process is not None and self.process.alive())
 
     def take(self, step: int, learner: Learner) -> RolloutItem[RolloutMessage]:
         """Return batch ``step``, receiving batches (and restarting a dead generator) until it is here."""

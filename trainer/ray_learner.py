@@ -125,8 +125,7 @@ class LearnerRank:
         state = self.learner.weights_for_generation()
         if self.rank == 0:
             assert self.sender is not None, "open_weights first"
-            self.sender.keep(version, state, keep_from)
-            self.sender.send([version], {version: state})
+            self.sender.publish(version, state, keep_from)
 
     def send_weights(self, versions: list[int]) -> None:
         assert self.sender is not None, "open_weights first"
@@ -139,7 +138,7 @@ class LearnerRank:
 
     def held_weights(self, versions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
         assert self.sender is not None, "open_weights first"
-        return {v: self.sender.held[v] for v in versions}
+        return self.sender.states(versions)
 
 
 class RayLearnerGroup:

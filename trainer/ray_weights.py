@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.weight_group import WeightSender
+from rlvr.trainer.weight_group import WeightSender, prune
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class ObjectStoreRoute:
     def publish(self, learner: Any, keep_from: int) -> None:
         put = getattr(learner, "weights_ref", None)  # a rank group puts rank 0's copy itself
         self.refs[learner.version] = put() if put is not None else self.ray.put(learner.weights_for_generation())
-        for v in [v for v in self.refs if v < keep_from and v != learner.version]:
-            del self.refs[v]
+        prune(self.refs, keep_from, learner.version)
 
     def versions(self) -> set[int]:
         return set(self.refs)
@@ -110,9 +109,8 @@ class _LocalEnd:
         self.sender.keep(version, state, keep_from)
 
     def publish(self, version: int, keep_from: int) -> list[Any]:
-        state = self.learner.weights_for_generation()
-        self.sender.keep(version, state, keep_from)
-        return [self.pool.submit(self.sender.send, [version], {version: state})]
+        state = self.learner.weights_for_generation()  # gathered here: the learner is this thread's
+        return [self.pool.submit(self.sender.publish, version, state, keep_from)]
 
     def send(self, versions: list[int]) -> list[Any]:
         return [self.pool.submit(self.sender.send, versions)]
@@ -121,7 +119,7 @@ class _LocalEnd:
         self.sender.abort()
 
     def states(self, versions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-        return {v: self.sender.held[v] for v in versions}
+        return self.sender.states(versions)
 
     def close(self) -> None:
         self.sender.abort()

@@ -32,8 +32,9 @@ import datetime
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -245,6 +246,12 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def prune(versions: MutableMapping[int, Any], keep_from: int, newest: int) -> None:
+    """Drop the versions older than ``keep_from`` but ``newest``: those no step still to sample needs."""
+    for v in [v for v in versions if v < keep_from and v != newest]:
+        del versions[v]
+
+
 class WeightSender:
     """Rank 0's end of the route: the current group, and the versions still needed.
 
@@ -274,8 +281,23 @@ class WeightSender:
     def keep(self, version: int, state: dict[str, torch.Tensor], keep_from: int) -> None:
         """Hold a host copy of ``version``; drop versions older than ``keep_from`` (never the newest)."""
         self.held[version] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        for v in [v for v in self.held if v < keep_from and v != version]:
-            del self.held[v]
+        prune(self.held, keep_from, version)
+
+    def publish(self, version: int, state: dict[str, torch.Tensor], keep_from: int) -> float:
+        """Broadcast the new ``version`` from ``state``, then keep its host copy; return bytes.
+
+        The copy comes after the broadcast, so the generators get the weights without waiting
+        for it; and in a ``finally``, so an aborted broadcast still leaves the version held for
+        the rebuilt group to be sent again.
+        """
+        try:
+            return self.send([version], {version: state})
+        finally:
+            self.keep(version, state, keep_from)
+
+    def states(self, versions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Return the held host copies of ``versions`` (a checkpoint's lagged weights)."""
+        return {v: self.held[v] for v in versions}
 
     def send(self, versions: list[int], live: dict[int, dict[str, torch.Tensor]] | None = None) -> float:
         """Broadcast ``versions`` in order (from ``live`` where given, else the held copies); return bytes."""
@@ -318,8 +340,7 @@ class WeightReceiver:
         state = self.group.recv()
         with self._changed:
             self.ring[version] = state
-            for v in [v for v in self.ring if v < keep_from and v != version]:
-                del self.ring[v]
+            prune(self.ring, keep_from, version)
             self._changed.notify_all()
 
     def get(self, version: int, timeout: float = TIMEOUT) -> dict[str, torch.Tensor]:

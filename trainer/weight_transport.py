@@ -29,7 +29,8 @@ Invariants:
    for a few integer operations (which also orders the copies against the counters on
    any CPU); copies run outside it, so neither side ever waits for the other's copy. The
    lock is taken with a timeout, so a process killed while holding it gives a clear
-   ``TransportError`` instead of a hang.
+   ``TransportError`` instead of a hang; sooner where the learner ``watch``es the
+   generator's liveness (its death ends the wait at once).
 5. **Monotone versions.** ``latest`` only grows; publishing an older version raises.
 
 Tied parameters (an LM head sharing the embedding) are stored once, under the first
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +51,7 @@ from rlvr.trainer.types import Generator
 # Counter table rows: 0 = each slot's sequence counter, 1 = the version each slot holds; [2, 0] = latest.
 _SEQ, _VERSION, _LATEST = 0, 1, 2
 _LOCK_TIMEOUT = 10.0
+_LOCK_SLICE = 0.05  # a watched wait checks the peer's liveness this often
 
 
 class TransportError(RuntimeError):
@@ -108,6 +110,7 @@ class SharedMemoryTransport:
         if slots < 2:
             raise ValueError(f"slots must be >= 2 (a reader copies one while the writer fills another), got {slots}")
         self._lock = lock
+        self._peer_alive: Callable[[], bool] | None = None
         self.poll_interval = poll_interval
         self._entries: list[_Entry] = []
         sizes: dict[torch.dtype, int] = {}
@@ -125,6 +128,18 @@ class SharedMemoryTransport:
         ]
         self._counters = torch.zeros(3, slots, dtype=torch.int64).share_memory_()
         self._counters[_VERSION:] = -1
+
+    def watch(self, peer_alive: Callable[[], bool]) -> None:
+        """End this side's lock waits with an error as soon as ``peer_alive()`` is false.
+
+        The learner watches its generator: a generator killed while holding the lock (it takes
+        it to read weights) is then reported at once, not after the lock timeout. Not pickled:
+        the generator's copy of the transport waits plainly.
+        """
+        self._peer_alive = peer_alive
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_peer_alive": None}
 
     @property
     def slots(self) -> int:
@@ -211,20 +226,24 @@ class SharedMemoryTransport:
         return {e.name: buffers[e.dtype][e.offset : e.offset + e.numel].view(e.shape) for e in self._entries}
 
     def _locked(self) -> _Held:
-        return _Held(self._lock)
+        return _Held(self._lock, self._peer_alive)
 
 
 class _Held:
     """``with`` a lock acquired with a timeout: a lock left held by a dead process is an error."""
 
-    def __init__(self, lock: Any):
-        self.lock = lock
+    def __init__(self, lock: Any, peer_alive: Callable[[], bool] | None):
+        self.lock, self.peer_alive = lock, peer_alive
 
     def __enter__(self) -> None:
-        if not self.lock.acquire(timeout=_LOCK_TIMEOUT):
-            raise TransportError(
-                f"weight transport lock not free after {_LOCK_TIMEOUT:.0f} s: a process died while holding it"
-            )
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        while not self.lock.acquire(timeout=_LOCK_SLICE if self.peer_alive else _LOCK_TIMEOUT):
+            if self.peer_alive is not None and not self.peer_alive():
+                raise TransportError("weight transport lock not free and the process on the other side is dead")
+            if time.monotonic() >= deadline:
+                raise TransportError(
+                    f"weight transport lock not free after {_LOCK_TIMEOUT:.0f} s: a process died while holding it"
+                )
 
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
