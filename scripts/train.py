@@ -18,17 +18,21 @@ The loop itself is ``rlvr.trainer.grpo.train``, or with
 ``--max-staleness N`` the two-process pipeline ``rlvr.trainer.async_trainer.train_async``
 (``--objective decoupled|plain|grpo``, ``--is-cap``, ``--is-level``, ``--is-mode``), or with
 ``--cluster ray`` the same pipeline with Ray actors as generators, ``rlvr.trainer.ray_trainer.train_ray``.
-Ctrl-C stops the run (and the generator process) within seconds, with exit status 130.
+Ctrl-C or SIGTERM ends the step in progress, saves it as a checkpoint (``--resume auto`` goes on
+from it) and stops the run and its generator processes or actors, with exit status 130 or 143; a
+second one stops at once, without saving.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlvr.trainer.config import TrainConfig, config_from_args
+from rlvr.trainer.interrupt import StopSignal, raise_stop_signal
 from rlvr.trainer.metrics import log_to_stderr, read_metrics, summarize_run
 from rlvr.trainer.trackers import TrackerError, check_trackers
 
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         from rlvr.trainer.ray_learner import RayLearnerError
 
         failures += (RayLearnerError,)
+    # SIGTERM (a scheduler's preemption, `kill`) cleans up as Ctrl-C does; inside the steps the
+    # first of either ends the step in progress and saves it (rlvr.trainer.interrupt).
+    signal.signal(signal.SIGTERM, raise_stop_signal)
     start = time.perf_counter()
     try:
         result = train(config)
@@ -77,14 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     except failures as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (StopSignal); the loops saved the step they ended on
+        print(stop_message(e), file=sys.stderr)
+        return e.exit_status if isinstance(e, StopSignal) else 130
     if not is_main():  # other learner ranks: rank 0 reports
         return 0
     seconds = time.perf_counter() - start
     print("\n".join(summary_lines(config, result, seconds, write_plots(config.output_dir))))
     return 0
+
+
+def stop_message(e: KeyboardInterrupt) -> str:
+    """Say how the run stopped and, when a checkpoint holds its last step, how to go on from it."""
+    name = e.args[0] if isinstance(e, StopSignal) else "SIGINT"
+    if not isinstance(e, StopSignal) or e.step is None:
+        return f"interrupted ({name}): stopped at once, nothing saved since the last checkpoint"
+    where = f"; saved to {e.checkpoint}; continue with --resume auto" if e.checkpoint is not None else ""
+    return f"interrupted ({name}) after step {e.step}{where}"
 
 
 def write_plots(output_dir: str) -> Path | None:

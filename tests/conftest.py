@@ -3,7 +3,9 @@ and the tiny random model with a dense-reward environment the pipeline tests tra
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -71,6 +73,21 @@ def interrupt_and_wait(proc: subprocess.Popen, bound: float) -> tuple[str, float
             _, stderr = proc.communicate()
         pytest.fail(f"no exit within {bound} s of SIGINT; its threads then:\n{stderr[-12000:]}")
     return stderr, time.monotonic() - sent
+
+
+def saved_on_stop(out: Path, stderr: str) -> tuple[str, int]:
+    """Check that a run stopped by a signal saved the step it ended on (``interrupt.py``); return signal and step.
+
+    train.py says which step and where; that checkpoint must be whole (its manifest written
+    last) and be the run's last logged step.
+    """
+    match = re.search(r"interrupted \((SIG\w+)\) after step (\d+); saved to (\S+); continue with --resume auto", stderr)
+    assert match, stderr[-3000:]
+    name, step, saved = match.group(1), int(match.group(2)), Path(match.group(3))
+    assert saved == out / "checkpoints" / f"step_{step:06d}" and (saved / "manifest.json").is_file()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if line.strip()] == list(range(1, step + 1))
+    return name, step
 
 
 def tiny_config(assets: Path, out: Path, **overrides) -> TrainConfig:

@@ -90,6 +90,7 @@ from rlvr.trainer.evaluation import TrainingEval, training_eval
 from rlvr.trainer.generation import TransformersGenerator
 from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
 from rlvr.trainer.grpo import TrainResult, learner_ranks, max_context, resolve_device, seed_everything, step_record
+from rlvr.trainer.interrupt import GracefulStop
 from rlvr.trainer.losses import LossFn
 from rlvr.trainer.metrics import RunLog, Stopwatch
 from rlvr.trainer.rollout import RolloutBatch
@@ -155,22 +156,28 @@ def run_steps(
     Each step: ``step_fn`` learns it, ``--eval-every`` evaluates in this process, the record
     and samples are logged, and checkpoints carry ``lagged()`` (the older weight versions the
     next batches sample with). On a ``GeneratorError`` the last completed step is
-    checkpointed (invariant 4) before the error goes on up.
+    checkpointed (invariant 4) before the error goes on up; on a first Ctrl-C or SIGTERM the
+    step in progress ends and is checkpointed, then ``StopSignal`` goes up (``interrupt.py``).
     """
     evaluate = LearnerEval.build(config, learner, tokenizer)
     record: dict[str, Any] = {}
     checkpoint, done = None, start
     try:
-        for step in range(start + 1, config.max_steps + 1):
-            record, rollouts = step_fn(step)
-            done = step
-            if evaluate is not None and step % config.eval_every == 0:
-                record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generator runs on
-            writer.write(record, rollouts)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
-            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged=lagged())
+        with GracefulStop() as stop:  # Ctrl-C / SIGTERM: the step in progress ends and is saved
+            for step in range(start + 1, config.max_steps + 1):
+                record, rollouts = step_fn(step)
+                done = step
+                if evaluate is not None and step % config.eval_every == 0:
+                    record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generator runs on
+                writer.write(record, rollouts)
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
+                noted = stop.requested and step < config.max_steps  # read once (see interrupt.GracefulStop)
+                due = step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                if due or noted:
+                    checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged=lagged())
+                if noted:
+                    raise stop.stopped(step, checkpoint)
     except GeneratorError:
         if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
             path = save_checkpoint(config.output_dir, done, learner, tokenizer, config, lagged=lagged())

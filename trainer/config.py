@@ -177,7 +177,8 @@ class TrainConfig:
 
     # --- bookkeeping
     checkpoint_every: int = 0
-    """Save a checkpoint every N steps (0: only at the end). The final step is always saved."""
+    """Save a checkpoint every N steps (0: only at the end). The final step is always saved, and so is
+    the step a Ctrl-C or SIGTERM ends on (one learner process; under a launcher, set N)."""
     keep_checkpoints: int = 3
     """Keep only the newest K checkpoints under output_dir (0 keeps every one); the final one is always kept."""
     resume: str | None = None

@@ -54,9 +54,10 @@ from rlvr.trainer.batch import pack_episodes
 from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from rlvr.trainer.config import TrainConfig, write_config
 from rlvr.trainer.default_model import load_model
-from rlvr.trainer.distributed import init_distributed, scatter_batch
+from rlvr.trainer.distributed import init_distributed, scatter_batch, world_size
 from rlvr.trainer.engines import EngineError, build_generator, build_learner, choose_generator
 from rlvr.trainer.evaluation import TrainingEval, training_eval
+from rlvr.trainer.interrupt import GracefulStop
 from rlvr.trainer.metrics import RunLog, Stopwatch, rollout_metrics, timing_metrics
 from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
 from rlvr.trainer.types import Generator, Learner, SamplingParams
@@ -97,8 +98,6 @@ def train(config: TrainConfig) -> TrainResult:
     if resume_from is not None:
         start = load_checkpoint(resume_from, run.learner).step  # collective
         _sync_weights(run)  # collective
-    P, G = config.prompts_per_step, config.group_size
-    scale = SCALES[config.scale]
     record: dict[str, Any] = {}
     checkpoint = None
     bar = tqdm(total=config.max_steps, initial=start, desc="grpo", disable=not (config.progress and main),
@@ -108,38 +107,16 @@ def train(config: TrainConfig) -> TrainResult:
     log_args = (config.output_dir, resume_step, config.samples_every, run.tokenizer)
     writer = RunLog(*log_args, config=config) if main else None
     try:
-        for step in range(start + 1, config.max_steps + 1):
-            watch, t0 = Stopwatch(), time.perf_counter()
-            batch, rollouts = None, None
-            if main:
-                # 1. Rollouts: P tasks x G episodes, each played to its end.
-                tasks = [run.task(step, p) for p in range(P)]
-                params = dataclasses.replace(run.sampling, seed=step_seed(config.seed, step))
-                rollouts = collect_rollouts(
-                    run.envs, run.generator, run.tokenizer, run.renderer, tasks, G, params, run.max_context
-                )
-                # 2. Advantages: group-relative, each turn credited with its reward-to-go.
-                advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], scale)
-                batch = pack_episodes(
-                    rollouts.episodes, [a for g in advantages for a in g], run.pad_id, config.mask_truncated
-                )
-            # 3. Loss and optimizer step(s), each rank on its share of the batch (collective).
-            with watch.time("learning"):
-                learned = run.learner.step(scatter_batch(batch))
-            # 4. The generator samples the next step with the new weights (collective).
-            with watch.time("weight_sync"):
-                _sync_weights(run)
-            # 5. Log, checkpoint.
-            if writer is not None and rollouts is not None:
-                record = step_record(step, rollouts, learned, watch.seconds["learning"], time.perf_counter() - t0)
-                record["time/weight_sync"] = watch.seconds["weight_sync"]
-                if run.evaluate is not None and step % config.eval_every == 0:
-                    record |= run.evaluate(run.generator, run.tokenizer, run.max_context)  # eval/pass@1, ...
-                writer.write(record, rollouts)  # metrics.jsonl, and samples.jsonl every samples_every steps
-                bar.update(1)
-                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
-            if step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save_checkpoint(config.output_dir, step, run.learner, run.tokenizer, config)  # collective
+        # Ctrl-C / SIGTERM: the step in progress ends and is saved (one process; a launcher's ranks stop at once)
+        with GracefulStop(enabled=world_size() == 1) as stop:
+            for step in range(start + 1, config.max_steps + 1):
+                record = _step(run, config, step, writer, bar) or record
+                noted = stop.requested and step < config.max_steps  # read once (see interrupt.GracefulStop)
+                due = step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                if due or noted:  # collective
+                    checkpoint = save_checkpoint(config.output_dir, step, run.learner, run.tokenizer, config)
+                if noted:
+                    raise stop.stopped(step, checkpoint)
     finally:
         if writer is not None:
             writer.close()
@@ -152,6 +129,43 @@ def train(config: TrainConfig) -> TrainResult:
         checkpoint=checkpoint,
         last_metrics=record,
     )
+
+
+def _step(run: _Run, config: TrainConfig, step: int, writer: RunLog | None, bar: Any) -> dict[str, Any] | None:
+    """Play, score and learn step ``step``; return its metrics record (rank 0; None on the other ranks).
+
+    Every rank calls it (the learner's step and the weight sync are collective); the checkpoint
+    after it is too (``train``).
+    """
+    watch, t0 = Stopwatch(), time.perf_counter()
+    batch, rollouts = None, None
+    if writer is not None:
+        # 1. Rollouts: P tasks x G episodes, each played to its end.
+        tasks = [run.task(step, p) for p in range(config.prompts_per_step)]
+        params = dataclasses.replace(run.sampling, seed=step_seed(config.seed, step))
+        rollouts = collect_rollouts(
+            run.envs, run.generator, run.tokenizer, run.renderer, tasks, config.group_size, params, run.max_context
+        )
+        # 2. Advantages: group-relative, each turn credited with its reward-to-go.
+        advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], SCALES[config.scale])
+        batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], run.pad_id, config.mask_truncated)
+    # 3. Loss and optimizer step(s), each rank on its share of the batch (collective).
+    with watch.time("learning"):
+        learned = run.learner.step(scatter_batch(batch))
+    # 4. The generator samples the next step with the new weights (collective).
+    with watch.time("weight_sync"):
+        _sync_weights(run)
+    if writer is None or rollouts is None:
+        return None
+    # 5. Log.
+    record = step_record(step, rollouts, learned, watch.seconds["learning"], time.perf_counter() - t0)
+    record["time/weight_sync"] = watch.seconds["weight_sync"]
+    if run.evaluate is not None and step % config.eval_every == 0:
+        record |= run.evaluate(run.generator, run.tokenizer, run.max_context)  # eval/pass@1, ...
+    writer.write(record, rollouts)  # metrics.jsonl, and samples.jsonl every samples_every steps
+    bar.update(1)
+    bar.set_postfix(reward=f"{record['reward_mean']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+    return record
 
 
 def _sync_weights(run: _Run) -> None:
