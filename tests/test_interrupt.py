@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import saved_on_stop
 from rlvr.trainer.interrupt import GracefulStop, StopSignal
-from test_kill_resume import ENV, ROOT, _comparable, _records
+from test_kill_resume import ENV, ROOT, _comparable, _records, wait_for_step
 
 STEPS = 6
 FLAGS = ["--env", "arithmetic", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
@@ -36,11 +36,7 @@ def _signal_after_step(out: Path, step: int, signum: int, extra: list[str]) -> t
     proc = subprocess.Popen(_cmd(out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env={**ENV, "PYTHONFAULTHANDLER": "1"})  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while not any(r.get("step") == step for r in _records(out)):
-            assert proc.poll() is None, f"the run ended (status {proc.returncode}) before step {step}"
-            assert time.monotonic() < deadline, f"no step {step} in 240 s"
-            time.sleep(0.05)
+        wait_for_step(proc, out, step)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     finally:

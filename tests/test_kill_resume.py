@@ -47,14 +47,19 @@ def _kill_after_step(out: Path, step: int, extra: list[str]) -> None:
     proc = subprocess.Popen(_cmd(out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                             env=ENV, start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while not any(r.get("step") == step for r in _records(out)):
-            assert proc.poll() is None, f"the run ended (status {proc.returncode}) before step {step}"
-            assert time.monotonic() < deadline, f"no step {step} in 240 s"
-            time.sleep(0.05)
+        wait_for_step(proc, out, step)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the generator process of an async run too
         proc.wait()
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
+    """Return as soon as ``step`` is in the run's metrics; fail if the run ends first or takes 240 s."""
+    deadline = time.monotonic() + 240
+    while not any(r.get("step") == step for r in _records(out)):
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before step {step}"
+        assert time.monotonic() < deadline, f"no step {step} in 240 s"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
