@@ -83,9 +83,27 @@ def test_the_first_signal_is_noted_the_second_stops_at_once_and_handlers_come_ba
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         assert raised.value.signum == signal.SIGINT and raised.value.step is None and raised.value.exit_status == 130
-        stopped = stop.stopped(4, None)
-        assert (stopped.signum, stopped.step, stopped.exit_status) == (signal.SIGTERM, 4, 143)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_end_of_step_saves_what_is_due_and_the_step_a_signal_came_in(tmp_path):
+    saved: list[int] = []
+
+    def save(step: int) -> Path:
+        saved.append(step)
+        return tmp_path / f"step_{step}"
+
+    stop = GracefulStop(enabled=False)  # the signal is set by hand: this test is about the step boundary
+    assert stop.end_of_step(1, 10, 0, save) is None and saved == []  # nothing due
+    assert stop.end_of_step(3, 10, 3, save) == tmp_path / "step_3" and saved == [3]  # every 3 steps
+    assert stop.end_of_step(10, 10, 0, save) == tmp_path / "step_10" and saved == [3, 10]  # the last step
+    stop.signum = signal.SIGTERM
+    with pytest.raises(StopSignal) as raised:
+        stop.end_of_step(4, 10, 3, save)  # not due, but a signal came: saved, then stopped
+    assert saved == [3, 10, 4]
+    assert (raised.value.signum, raised.value.step, raised.value.checkpoint) == (signal.SIGTERM, 4, tmp_path / "step_4")
+    assert raised.value.exit_status == 143
+    assert stop.end_of_step(10, 10, 0, save) == tmp_path / "step_10"  # at the last step the run just ends
 
 
 def test_disabled_or_off_the_main_thread_it_changes_nothing():

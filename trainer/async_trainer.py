@@ -162,6 +162,10 @@ def run_steps(
     evaluate = LearnerEval.build(config, learner, tokenizer)
     record: dict[str, Any] = {}
     checkpoint, done = None, start
+
+    def save(step: int) -> Path:
+        return save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged=lagged())
+
     try:
         with GracefulStop() as stop:  # Ctrl-C / SIGTERM: the step in progress ends and is saved
             for step in range(start + 1, config.max_steps + 1):
@@ -172,15 +176,10 @@ def run_steps(
                 writer.write(record, rollouts)
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
-                noted = stop.requested and step < config.max_steps  # read once (see interrupt.GracefulStop)
-                due = step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                if due or noted:
-                    checkpoint = save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged=lagged())
-                if noted:
-                    raise stop.stopped(step, checkpoint)
+                checkpoint = stop.end_of_step(step, config.max_steps, config.checkpoint_every, save) or checkpoint
     except GeneratorError:
         if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
-            path = save_checkpoint(config.output_dir, done, learner, tokenizer, config, lagged=lagged())
+            path = save(done)
             logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
         raise
     return record, checkpoint

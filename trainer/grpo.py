@@ -106,17 +106,16 @@ def train(config: TrainConfig) -> TrainResult:
     resume_step = start if resume_from is not None else None
     log_args = (config.output_dir, resume_step, config.samples_every, run.tokenizer)
     writer = RunLog(*log_args, config=config) if main else None
+
+    def save(step: int) -> Path:
+        return save_checkpoint(config.output_dir, step, run.learner, run.tokenizer, config)  # collective
+
     try:
         # Ctrl-C / SIGTERM: the step in progress ends and is saved (one process; a launcher's ranks stop at once)
         with GracefulStop(enabled=world_size() == 1) as stop:
             for step in range(start + 1, config.max_steps + 1):
                 record = _step(run, config, step, writer, bar) or record
-                noted = stop.requested and step < config.max_steps  # read once (see interrupt.GracefulStop)
-                due = step == config.max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                if due or noted:  # collective
-                    checkpoint = save_checkpoint(config.output_dir, step, run.learner, run.tokenizer, config)
-                if noted:
-                    raise stop.stopped(step, checkpoint)
+                checkpoint = stop.end_of_step(step, config.max_steps, config.checkpoint_every, save) or checkpoint
     finally:
         if writer is not None:
             writer.close()

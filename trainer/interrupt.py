@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,10 @@ def raise_stop_signal(signum: int, frame: Any) -> None:
 class GracefulStop:
     """While active, the first SIGINT/SIGTERM is noted and the loop stops at its next step boundary.
 
-    ``with GracefulStop(enabled) as stop:`` around a loop's steps; after each whole step,
-    ``noted = stop.requested`` (read once: a signal after it counts for the next step), save a
-    checkpoint if ``noted``, then ``raise stop.stopped(step, checkpoint)``. Disabled, or outside
-    the main thread (where Python cannot set a handler), it changes nothing and ``requested``
-    stays False.
+    ``with GracefulStop(enabled) as stop:`` around a loop's steps, and ``stop.end_of_step(...)``
+    after each whole step: it saves the checkpoints that are due, and the step a signal came in.
+    Disabled, or outside the main thread (where Python cannot set a handler), it changes nothing
+    and ``requested`` stays False.
     """
 
     def __init__(self, enabled: bool = True):
@@ -94,10 +94,20 @@ class GracefulStop:
 
     @property
     def requested(self) -> bool:
-        """Whether a signal came: read it once per step, save the step if so, then raise ``stopped``."""
+        """Whether a signal came (the run stops after the step in progress)."""
         return self.signum is not None
 
-    def stopped(self, step: int, checkpoint: Path | None) -> StopSignal:
-        """Return the exception that ends the run after step ``step``, saved as ``checkpoint``."""
-        assert self.signum is not None
-        return StopSignal(self.signum, step, checkpoint)
+    def end_of_step(self, step: int, max_steps: int, every: int, save: Callable[[int], Path]) -> Path | None:
+        """After step ``step`` is whole: ``save(step)`` if due (every ``every`` steps, the last) or a signal came.
+
+        Return the checkpoint saved (None if none was due); raise ``StopSignal`` after saving if
+        a signal came. The signal is read once, first: one that comes during the save counts
+        for the next step, so the checkpoint named in the ``StopSignal`` is always this step's.
+        """
+        noted = self.requested and step < max_steps  # at the last step the run ends anyway
+        due = step == max_steps or (every > 0 and step % every == 0)
+        saved = save(step) if due or noted else None
+        if noted:
+            assert self.signum is not None
+            raise StopSignal(self.signum, step, saved)
+        return saved
