@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium
+
 from rlvr.envs.rewards import (
     FORMAT_INSTRUCTION,
     RewardComponent,

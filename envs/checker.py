@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium
+
 from rlvr.verifiers.types import Verdict
 
 GARBAGE = ("", "   \n", "I don't know.", "lorem ipsum dolor sit amet", "\\boxed{}", "```python\n```")

@@ -24,12 +24,12 @@ Runs and their threads (``--torch-threads``):
 - ``sync, vllm, 1 thr`` and ``async vllm, eta=k``: the same with ``--generator vllm`` (vLLM's
   engine in-process, in the learner process or in the generator process; weights sent to
   it after every step), when vLLM is installed (``--vllm-etas`` with no value: none).
-- ``ray N gen store|bcast, eta=k``: ``--cluster ray`` on a local Ray (``ray_trainer.py``):
+- ``ray N gen store|bcast, eta=k``: ``--cluster ray`` on a local Ray (``cluster/loop.py``):
   N generator actors of one thread each and the learner in the driver (one thread),
   rollouts through Ray's object store instead of shared memory, and the weights by the
   route ``--ray-weight-sync`` names: ``store`` (one ``ray.put`` per version, a ``ray.get``
   per actor) or ``bcast`` (a gloo broadcast from the driver to the actors,
-  ``weight_group.py``); ``--ray-generators`` with no value: no Ray rows. With two
+  ``weights/broadcast.py``); ``--ray-generators`` with no value: no Ray rows. With two
   generators three one-thread roles share two cores.
 
 The time compared is the steady state: the wall time of steps ``--warmup + 1 .. steps``
@@ -83,12 +83,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlvr.trainer.async_trainer import train_async
+from rlvr.trainer.bookkeeping.metrics import read_metrics
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import build_tiny_model, build_tokenizer
-from rlvr.trainer.engines import installed
-from rlvr.trainer.grpo import train
-from rlvr.trainer.metrics import read_metrics
+from rlvr.trainer.engines.build import installed
+from rlvr.trainer.engines.models import build_tiny_model, build_tokenizer
+from rlvr.trainer.pipeline.loop import train_async
+from rlvr.trainer.sync_loop import train
 
 
 @dataclass
@@ -164,7 +164,7 @@ def _measure(name: str, config: TrainConfig, warmup: int) -> Run:
 def _loop(config: TrainConfig):
     """The training function of ``config``: synchronous, the two-process pipeline, or Ray (imported only then)."""
     if config.cluster == "ray":
-        from rlvr.trainer.ray_trainer import train_ray
+        from rlvr.trainer.cluster.loop import train_ray
 
         return train_ray
     return train if config.max_staleness is None else train_async

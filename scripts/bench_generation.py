@@ -45,15 +45,16 @@ from pathlib import Path
 
 import torch
 from bench_async import _LoadSampler
-from rlvr.trainer.chat import encode_chat
-from rlvr.trainer.default_model import (
+
+from rlvr.trainer.algorithm.chat import encode_chat
+from rlvr.trainer.engines.models import (
     DEFAULT_MODEL_DIR,
     arithmetic_messages,
     build_tiny_model,
     build_tokenizer,
     load_model,
 )
-from rlvr.trainer.types import SamplingParams
+from rlvr.trainer.protocols import SamplingParams
 
 
 @dataclass
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = _model_dir(args, Path(scratch))
         model, tokenizer = load_model(str(folder))
         prompts = [encode_chat(tokenizer, arithmetic_messages(f"{i}+{2 * i + 1}")) for i in range(args.prompts)]
-        from rlvr.trainer.generation import TransformersGenerator
+        from rlvr.trainer.engines.transformers_generator import TransformersGenerator
 
         rows = [_time("transformers", TransformersGenerator(model, tokenizer), prompts, args)]
         try:
-            from rlvr.trainer.vllm_generator import VLLMGenerator
+            from rlvr.trainer.engines.vllm_generator import VLLMGenerator
         except ImportError as error:
             print(f"vllm: not installed ({error}); only the transformers row", file=sys.stderr)
         else:

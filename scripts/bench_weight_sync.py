@@ -4,7 +4,7 @@
     python scripts/bench_weight_sync.py                          # gloo on CPU: 64 MB, 1 receiver
     python scripts/bench_weight_sync.py --mb 2048 --backends gloo nccl --receivers 1
 
-Each row builds a ``WeightGroup`` (``trainer/weight_group.py``) of ``1 + R`` processes
+Each row builds a ``WeightGroup`` (``trainer/weights/broadcast.py``) of ``1 + R`` processes
 with one backend and broadcasts ``--versions`` versions of a synthetic state of ``--mb``
 MB (bf16 matrices of 4096 x 4096 and a float32 norm per 'layer', the shape of a
 transformer's weights), after one warm-up version. The time of a version is the
@@ -28,7 +28,8 @@ import sys
 import time
 
 import torch
-from rlvr.trainer.weight_group import WeightGroup, WeightSyncAborted, open_store
+
+from rlvr.trainer.weights.broadcast import WeightGroup, WeightSyncAborted, open_store
 
 HOST = "127.0.0.1"
 

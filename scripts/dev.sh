@@ -32,7 +32,7 @@ setup() {
     "$py" -m venv "$venv"
   fi
   local stamp="$venv/.rlvr-installed" want
-  want="$(cat pyproject.toml scripts/dev.sh | sha256sum | cut -d' ' -f1)${RLVR_NO_VLLM:+-novllm}"
+  want="$(cat pyproject.toml setup.py scripts/dev.sh | sha256sum | cut -d' ' -f1)${RLVR_NO_VLLM:+-novllm}"
   if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "[rlvr] installing dependencies into $venv" >&2
     pip_install --upgrade pip

@@ -8,7 +8,7 @@ With no --model it evaluates the bundled default model; a training checkpoint fo
 (runs/.../checkpoints/step_000020) works as --model. One sample is greedy by default;
 several are sampled at temperature 1 by default (greedy samples would all be the same).
 pass@k is reported for every power of two k up to --num-samples and for --num-samples
-itself (rlvr.trainer.passk). --num-tasks and --samples are the old names of --limit and
+itself (rlvr.trainer.bookkeeping.passk). --num-tasks and --samples are the old names of --limit and
 --num-samples.
 """
 
@@ -21,11 +21,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from rlvr.envs.registry import RegistryError
+from rlvr.trainer.bookkeeping.evaluation import evaluate, format_table
+from rlvr.trainer.bookkeeping.metrics import log_to_stderr
 from rlvr.trainer.config import GENERATORS, json_object_arg
-from rlvr.trainer.engines import EngineUnavailable
-from rlvr.trainer.evaluation import evaluate, format_table
-from rlvr.trainer.metrics import log_to_stderr
-from rlvr.trainer.types import SamplingParams
+from rlvr.trainer.engines.build import EngineUnavailable
+from rlvr.trainer.protocols import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:

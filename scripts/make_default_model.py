@@ -1,6 +1,6 @@
 """Build the committed default model: offline tokenizer, tiny Qwen2, short SFT warm-up.
 
-    python scripts/make_default_model.py            # writes trainer/default_model/
+    python scripts/make_default_model.py            # writes trainer/engines/default_model/
 
 What the warm-up teaches, plainly. The default model exists so that GRPO visibly
 learns on a CPU in minutes. An RL run can only sharpen what the policy already samples:
@@ -55,10 +55,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
 from rlvr.datasets.arithmetic import ArithmeticConfig, make_problem
 from rlvr.envs.math_envs import GSM8K_SYSTEM_PROMPT
-from rlvr.trainer.chat import encode_chat
-from rlvr.trainer.default_model import (
+from rlvr.trainer.algorithm.chat import encode_chat
+from rlvr.trainer.algorithm.logprobs import sequence_logprobs
+from rlvr.trainer.engines.models import (
     DEFAULT_MODEL_DIR,
     TinyModelSize,
     arithmetic_messages,
@@ -66,9 +68,8 @@ from rlvr.trainer.default_model import (
     build_tokenizer,
     word_problem,
 )
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.logprobs import sequence_logprobs
-from rlvr.trainer.types import SamplingParams
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.protocols import SamplingParams
 
 WRONG_DRAWS = 3
 """Wrong answers drawn per prompt and step (each weighted (1 - p_correct) / WRONG_DRAWS)."""

@@ -8,7 +8,7 @@ One figure each for reward (and its components), KL, entropy, clip fractions, co
 length, the asynchronous pipeline (staleness, idle fractions) and evaluation during training;
 a figure no run has data for is skipped with a line saying so. ``--smooth W`` is the
 moving-average window in steps (1 draws the raw values only). The figures are described in
-``rlvr.trainer.plots``. Exit status 2 on a run directory without metrics.jsonl or a
+``rlvr.trainer.bookkeeping.plots``. Exit status 2 on a run directory without metrics.jsonl or a
 malformed line (the message names the file and line).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlvr.trainer.plots import DEFAULT_SMOOTH, PlotError, plot_runs
+from rlvr.trainer.bookkeeping.plots import DEFAULT_SMOOTH, PlotError, plot_runs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,10 @@ Every flag is a field of ``rlvr.trainer.config.TrainConfig`` (``--help`` lists t
 their docstrings). Writes ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per step),
 ``OUTPUT_DIR/tensorboard/`` (when tensorboard is installed; ``--wandb-project`` adds W&B) and
 ``OUTPUT_DIR/checkpoints/step_N/``; ``scripts/plot.py OUTPUT_DIR`` draws the curves.
-The loop itself is ``rlvr.trainer.grpo.train``, or with
-``--max-staleness N`` the two-process pipeline ``rlvr.trainer.async_trainer.train_async``
+The loop itself is ``rlvr.trainer.sync_loop.train``, or with
+``--max-staleness N`` the two-process pipeline ``rlvr.trainer.pipeline.loop.train_async``
 (``--objective decoupled|plain|grpo``, ``--is-cap``, ``--is-level``, ``--is-mode``), or with
-``--cluster ray`` the same pipeline with Ray actors as generators, ``rlvr.trainer.ray_trainer.train_ray``.
+``--cluster ray`` the same pipeline with Ray actors as generators, ``rlvr.trainer.cluster.loop.train_ray``.
 Ctrl-C or SIGTERM ends the step in progress, saves it as a checkpoint (``--resume auto`` goes on
 from it) and stops the run and its generator processes or actors, with exit status 130 or 143; a
 second one stops at once, without saving.
@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rlvr.trainer.bookkeeping.interrupt import StopSignal, raise_stop_signal
+from rlvr.trainer.bookkeeping.metrics import log_to_stderr, read_metrics, summarize_run
+from rlvr.trainer.bookkeeping.trackers import TrackerError, check_trackers
 from rlvr.trainer.config import TrainConfig, config_from_args
-from rlvr.trainer.interrupt import StopSignal, raise_stop_signal
-from rlvr.trainer.metrics import log_to_stderr, read_metrics, summarize_run
-from rlvr.trainer.trackers import TrackerError, check_trackers
 
 if TYPE_CHECKING:
-    from rlvr.trainer.grpo import TrainResult
+    from rlvr.trainer.sync_loop import TrainResult
 
 UNSOLVED_REWARD = 0.02
 """A final reward below this on the default model means it cannot solve the environment (see summary_lines)."""
@@ -55,24 +55,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported after parsing, so --help and flag errors are instant.
     if config.cluster == "ray":  # the only path that imports Ray (pip install 'rlvr[ray]')
-        from rlvr.trainer.ray_trainer import train_ray as train
+        from rlvr.trainer.cluster.loop import train_ray as train
     elif config.max_staleness is None:
-        from rlvr.trainer.grpo import train
+        from rlvr.trainer.sync_loop import train
     else:
-        from rlvr.trainer.async_trainer import train_async as train
+        from rlvr.trainer.pipeline.loop import train_async as train
     from rlvr.envs.registry import RegistryError
-    from rlvr.trainer.checkpoint import CheckpointError
-    from rlvr.trainer.distributed import is_main
-    from rlvr.trainer.engines import EngineError
-    from rlvr.trainer.generator_worker import GeneratorError
+    from rlvr.trainer.bookkeeping.checkpoint import CheckpointError
+    from rlvr.trainer.engines.build import EngineError
+    from rlvr.trainer.engines.distributed import is_main
+    from rlvr.trainer.pipeline.generator_process import GeneratorError
 
     failures: tuple[type[Exception], ...] = (GeneratorError,)  # the other side of the run failed: exit 1
     if config.cluster == "ray":
-        from rlvr.trainer.ray_learner import RayLearnerError
+        from rlvr.trainer.cluster.learner_actors import RayLearnerError
 
         failures += (RayLearnerError,)
     # SIGTERM (a scheduler's preemption, `kill`) cleans up as Ctrl-C does; inside the steps the
-    # first of either ends the step in progress and saves it (rlvr.trainer.interrupt).
+    # first of either ends the step in progress and saves it (rlvr.trainer.bookkeeping.interrupt).
     signal.signal(signal.SIGTERM, raise_stop_signal)
     start = time.perf_counter()
     try:
@@ -109,7 +109,7 @@ def write_plots(output_dir: str) -> Path | None:
     The run is over and its metrics are safe on disk, so a plotting failure is a warning, never an error.
     """
     try:
-        from rlvr.trainer.plots import plot_runs
+        from rlvr.trainer.bookkeeping.plots import plot_runs
 
         written, _ = plot_runs([output_dir])
     except Exception as e:  # noqa: BLE001 - matplotlib missing or broken: say so, keep the run's result

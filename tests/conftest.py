@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.verifiers.sandbox import ISOLATION_LEVELS, SandboxError, run_in_sandbox
 
 ENV_SOURCE = '''

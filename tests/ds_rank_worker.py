@@ -17,10 +17,11 @@ import json
 from pathlib import Path
 
 import torch
-from rlvr.trainer import distributed
-from rlvr.trainer.deepspeed_learner import DeepSpeedLearner
-from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
-from rlvr.trainer.losses import make_loss_fn
+
+from rlvr.trainer.algorithm.losses import make_loss_fn
+from rlvr.trainer.engines import distributed
+from rlvr.trainer.engines.deepspeed_learner import DeepSpeedLearner
+from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from rlvr.trainer.advantages import (
+
+from rlvr.trainer.algorithm.advantages import (
     SCALES,
     episode_returns,
     group_advantages,

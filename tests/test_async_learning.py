@@ -12,7 +12,7 @@ another seed's by up to 0.1 in its last-10 reward, so a 0.05 tolerance needs les
 16 prompts per step and two seeds. The learning rate is 2e-4, at which the policy does
 not change wholesale between versions two steps apart; at 5e-4 to 1e-3 this tiny model's
 per-token k3 between those versions reaches 0.1-3 and staleness 2 costs 0.05-0.1 reward
-even with the decoupled weights (see ``async_trainer.py``). Which version samples a batch
+even with the decoupled weights (see ``pipeline/loop.py``). Which version samples a batch
 depends on the timing of the two processes, so the asynchronous runs are not
 bit-reproducible.
 """
@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
-from rlvr.trainer.metrics import read_metrics
+
+from rlvr.trainer.bookkeeping.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60

@@ -12,8 +12,15 @@ import time
 
 import pytest
 import torch
-from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, StalenessViolation, staleness_metrics
-from rlvr.trainer.weight_transport import SharedMemoryTransport, TransportError
+
+from rlvr.trainer.algorithm.staleness import (
+    Admission,
+    RolloutBuffer,
+    RolloutItem,
+    StalenessViolation,
+    staleness_metrics,
+)
+from rlvr.trainer.weights.shared_memory import SharedMemoryTransport, TransportError
 
 # (eta, step) -> oldest admissible version: max(0, step - 1 - eta)
 MIN_VERSION_CASES = {

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HANG_DUMP_ENV, interrupt_and_wait, saved_on_stop, tiny_config
-from rlvr.trainer.async_trainer import train_async
-from rlvr.trainer.generator_worker import GeneratorError
-from rlvr.trainer.grpo import train
-from rlvr.trainer.metrics import read_metrics
 from safetensors.torch import load_file
+
+from rlvr.trainer.bookkeeping.metrics import read_metrics
+from rlvr.trainer.pipeline.generator_process import GeneratorError
+from rlvr.trainer.pipeline.loop import train_async
+from rlvr.trainer.sync_loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 _config = tiny_config
@@ -239,10 +240,10 @@ def test_a_generator_that_dies_holding_the_weight_lock_is_reported_as_its_death(
 
     must not fail with a lock timeout: the death is the error (or a restart, with a fresh transport).
     """
-    from rlvr.trainer import weight_transport
-    from rlvr.trainer.async_trainer import _Pipeline
-    from rlvr.trainer.default_model import load_model
-    from rlvr.trainer.engines import build_learner
+    from rlvr.trainer.weights import shared_memory as weight_transport
+    from rlvr.trainer.engines.build import build_learner
+    from rlvr.trainer.engines.models import load_model
+    from rlvr.trainer.pipeline.loop import _Pipeline
 
     config = tiny_config(assets, tmp_path, max_staleness=1)
     model, _ = load_model(config.model)

@@ -45,7 +45,7 @@ def test_make_default_model_builds_a_loadable_model(tmp_path):
     proc = run("make_default_model.py", "--out-dir", str(out), "--clean-steps", "3", "--steps", "3",
                "--eval-problems", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from rlvr.trainer.default_model import load_model
+    from rlvr.trainer.engines.models import load_model
 
     model, tokenizer = load_model(str(out))
     assert model.config.model_type == "qwen2"

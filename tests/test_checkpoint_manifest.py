@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from rlvr.trainer.checkpoint import (
+
+from rlvr.trainer.bookkeeping.checkpoint import (
     MANIFEST,
     CheckpointError,
     checkpoint_dir,

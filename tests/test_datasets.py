@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from rlvr.datasets import loaders
 from rlvr.datasets.arithmetic import ArithmeticConfig, iter_problems, make_problem
 from rlvr.datasets.code_problems import load_code_problems

@@ -1,6 +1,6 @@
 """The decoupled objective (and the plain one) against values worked out by hand.
 
-Notation as in ``losses.py``: ``old`` is log pi_prox, ``behavior`` is log mu, ``w = pi_prox/mu``.
+Notation as in ``algorithm/losses.py``: ``old`` is log pi_prox, ``behavior`` is log mu, ``w = pi_prox/mu``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from rlvr.trainer.losses import AGGREGATIONS, LossInputs, make_loss_fn
+
+from rlvr.trainer.algorithm.losses import AGGREGATIONS, LossInputs, make_loss_fn
 
 F64 = torch.float64
 

@@ -29,14 +29,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
-from rlvr.trainer.learner import TorchLearner
-from rlvr.trainer.losses import make_loss_fn
 from test_learner import _batch
+
+from rlvr.trainer.algorithm.losses import make_loss_fn
+from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.engines.torch_learner import TorchLearner
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "rlvr" / "torch_extensions"))
-from rlvr.trainer.deepspeed_learner import DeepSpeedLearner  # noqa: E402
+from rlvr.trainer.engines.deepspeed_learner import DeepSpeedLearner  # noqa: E402
 
 pytestmark = pytest.mark.deepspeed
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
 from rlvr.envs.registry import make_env
-from rlvr.trainer.chat import encode_chat
-from rlvr.trainer.default_model import (
+from rlvr.trainer.algorithm.chat import encode_chat
+from rlvr.trainer.engines.models import (
     DEFAULT_MODEL_DIR,
     TEST_SIZE,
     arithmetic_messages,
@@ -21,9 +23,8 @@ from rlvr.trainer.default_model import (
     load_default_model,
     load_model,
 )
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.types import SamplingParams
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.protocols import SamplingParams
 
 ROUND_TRIP_TEXTS = {
     "arithmetic": "What is 12345+678-9*10?",

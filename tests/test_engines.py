@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines import EngineUnavailable, choose_generator, installed
+from rlvr.trainer.engines.build import EngineUnavailable, choose_generator, installed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "12", "--no-progress"]
@@ -55,7 +56,7 @@ def test_auto_takes_transformers_on_a_cpu_and_says_why():
 
 
 def test_asking_for_an_absent_vllm_says_what_to_install(monkeypatch):
-    monkeypatch.setattr("rlvr.trainer.engines.installed", lambda module: module != "vllm")
+    monkeypatch.setattr("rlvr.trainer.engines.build.installed", lambda module: module != "vllm")
     with pytest.raises(EngineUnavailable, match=r"rlvr\[vllm"):
         choose_generator("vllm", torch.device("cpu"))
     # auto never fails: it falls back to transformers and names the reason.

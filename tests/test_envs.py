@@ -12,6 +12,7 @@ import warnings
 import gymnasium
 import pytest
 from gymnasium.utils.env_checker import check_env
+
 from rlvr.envs.base import Task, TextEnv
 from rlvr.envs.checker import (
     GARBAGE,

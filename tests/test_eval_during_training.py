@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlvr.trainer.bookkeeping.evaluation import HELD_OUT_OFFSET, training_eval
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.evaluation import HELD_OUT_OFFSET, training_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--env", "arithmetic", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",

@@ -13,18 +13,19 @@ import math
 
 import pytest
 import torch
-from rlvr.trainer.chat import encode_chat, render_chat
-from rlvr.trainer.default_model import (
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from rlvr.trainer.algorithm.chat import encode_chat, render_chat
+from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
+from rlvr.trainer.engines.models import (
     TEST_SIZE,
     arithmetic_messages,
     build_tiny_model,
     build_tokenizer,
     load_default_model,
 )
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
-from rlvr.trainer.types import Completion, SamplingParams
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.protocols import Completion, SamplingParams
 
 TOL = 1e-4
 

@@ -11,6 +11,7 @@ hedge scores 1 against both of the values it offers.
 from __future__ import annotations
 
 import pytest
+
 from rlvr.envs.base import Task
 from rlvr.envs.registry import make_env
 from rlvr.verifiers.gsm8k import verify_gsm8k

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 from conftest import saved_on_stop
-from rlvr.trainer.interrupt import GracefulStop, StopSignal
 from test_kill_resume import ENV, ROOT, _comparable, _records, wait_for_step
+
+from rlvr.trainer.bookkeeping.interrupt import GracefulStop, StopSignal
 
 STEPS = 6
 FLAGS = ["--env", "arithmetic", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.batch import TrainBatch, pack_episodes
-from rlvr.trainer.chat import encode_chat
-from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.learner import TorchLearner
-from rlvr.trainer.logprobs import sequence_logprobs
-from rlvr.trainer.losses import make_loss_fn
-from rlvr.trainer.rollout import Episode
-from rlvr.trainer.types import SamplingParams
+
+from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
+from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
+from rlvr.trainer.algorithm.chat import encode_chat
+from rlvr.trainer.algorithm.logprobs import sequence_logprobs
+from rlvr.trainer.algorithm.losses import make_loss_fn
+from rlvr.trainer.algorithm.rollout import Episode
+from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.engines.torch_learner import TorchLearner
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.protocols import SamplingParams
 
 GROUP = 4
 

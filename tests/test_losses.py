@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from rlvr.trainer.advantages import SCALES, group_advantages
-from rlvr.trainer.losses import (
+
+from rlvr.trainer.algorithm.advantages import SCALES, group_advantages
+from rlvr.trainer.algorithm.losses import (
     AGGREGATIONS,
     LossInputs,
     clipped_surrogate,

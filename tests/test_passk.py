@@ -7,7 +7,8 @@ import math
 from fractions import Fraction
 
 import pytest
-from rlvr.trainer.passk import answer_key, majority_vote, pass_at_k, report_ks
+
+from rlvr.trainer.bookkeeping.passk import answer_key, majority_vote, pass_at_k, report_ks
 
 
 def brute_force_pass_at_k(correct: list[bool], k: int) -> Fraction:

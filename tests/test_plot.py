@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from rlvr.trainer.plots import FIGURES, PlotError, Run, panel_keys, read_run, smooth
+
+from rlvr.trainer.bookkeeping.plots import FIGURES, PlotError, Run, panel_keys, read_run, smooth
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--env", "arithmetic", "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "8",

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from rlvr.verifiers.pool import ItemResult, WorkerPool, shared_pool
 
 # Runs for many minutes in C without checking for signals.

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-from rlvr.trainer.engines import installed
-from rlvr.trainer.metrics import read_metrics
+
+from rlvr.trainer.bookkeeping.metrics import read_metrics
+from rlvr.trainer.engines.build import installed
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(not installed("ray"), reason="ray is not installed")]
 

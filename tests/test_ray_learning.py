@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-from rlvr.trainer.engines import installed
-from rlvr.trainer.metrics import read_metrics
 from test_learning import FLAGS as SYNC_FLAGS
 from test_learning import STEPS
+
+from rlvr.trainer.bookkeeping.metrics import read_metrics
+from rlvr.trainer.engines.build import installed
 
 ROOT = Path(__file__).resolve().parents[1]
 # The synchronous learning test's run (test_learning.py), with two generator actors one step stale.

@@ -20,18 +20,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HANG_DUMP_ENV, interrupt_and_wait, saved_on_stop, tiny_config
-from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.grpo import train
-from rlvr.trainer.metrics import read_metrics
 from safetensors.torch import load_file
+
+from rlvr.trainer.bookkeeping.metrics import read_metrics
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.sync_loop import train
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rlvr[ray]')")
 
-from rlvr.trainer import ray_cluster  # noqa: E402 - after the skip: it needs Ray
-from rlvr.trainer.ray_actors import RayGeneratorError, shard_groups, shard_seed  # noqa: E402
-from rlvr.trainer.ray_learner import RayLearnerError  # noqa: E402
-from rlvr.trainer.ray_trainer import train_ray  # noqa: E402
 from test_ray_cluster import alive, process_tree  # noqa: E402 - a sibling: pytest puts tests/ on sys.path
+
+from rlvr.trainer.cluster import ray_runtime as ray_cluster  # noqa: E402 - after the skip: it needs Ray
+from rlvr.trainer.cluster.generator_actors import RayGeneratorError, shard_groups, shard_seed  # noqa: E402
+from rlvr.trainer.cluster.learner_actors import RayLearnerError  # noqa: E402
+from rlvr.trainer.cluster.loop import train_ray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -257,7 +259,7 @@ def test_train_py_without_the_flag_never_imports_ray(tmp_path):
         f"    runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r}, run_name='__main__')\n"
         "except SystemExit as e:\n"
         "    assert e.code == 0, e.code\n"
-        "import rlvr.trainer.async_trainer, rlvr.trainer.grpo, rlvr.trainer.config\n"
+        "import rlvr.trainer.pipeline.loop, rlvr.trainer.sync_loop, rlvr.trainer.config\n"
         "print('ray imported:', 'ray' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from gymnasium.utils.env_checker import check_env
+
 from rlvr.envs.checker import check_gold, check_text_env
 from rlvr.envs.registry import make_env, unregister
 

@@ -7,6 +7,7 @@ import textwrap
 
 import gymnasium
 import pytest
+
 from rlvr.envs.arithmetic import ArithmeticEnv
 from rlvr.envs.code_envs import CodeEnv, CodeMultiTurnEnv
 from rlvr.envs.math_envs import GSM8KEnv, MathEnv

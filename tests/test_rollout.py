@@ -10,16 +10,17 @@ from __future__ import annotations
 import gymnasium
 import pytest
 import torch
+
 from rlvr.envs.registry import make_env
-from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.batch import pack_episodes
-from rlvr.trainer.default_model import TEST_SIZE, build_tiny_model, build_tokenizer
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.learner import TorchLearner
-from rlvr.trainer.logprobs import sequence_logprobs
-from rlvr.trainer.losses import LossInputs, make_loss_fn
-from rlvr.trainer.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
-from rlvr.trainer.types import SamplingParams
+from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
+from rlvr.trainer.algorithm.batch import pack_episodes
+from rlvr.trainer.algorithm.logprobs import sequence_logprobs
+from rlvr.trainer.algorithm.losses import LossInputs, make_loss_fn
+from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, TaskRef, collect_rollouts
+from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.engines.torch_learner import TorchLearner
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.protocols import SamplingParams
 
 
 class FeedbackEnv(gymnasium.Env):

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from rlvr.trainer.metrics import SAMPLES_PER_LOG
+
+from rlvr.trainer.bookkeeping.metrics import SAMPLES_PER_LOG
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--env", "arithmetic", "--group-size", "2", "--prompts-per-step", "3", "--max-new-tokens", "8",

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from rlvr.verifiers.code import run_tests
 from rlvr.verifiers.sandbox import (
     ISOLATION_LEVELS,

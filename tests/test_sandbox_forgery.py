@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from rlvr.verifiers import sandbox_wire as wire
 from rlvr.verifiers.code import run_tests
 

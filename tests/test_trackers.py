@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.metrics import RunLog, read_metrics
-from rlvr.trainer.trackers import TENSORBOARD_DIR, WANDB_ID_FILE, TensorBoardTracker, TrackerError, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_plot import ROOT, train_run
+
+from rlvr.trainer.bookkeeping.metrics import RunLog, read_metrics
+from rlvr.trainer.bookkeeping.trackers import TENSORBOARD_DIR, WANDB_ID_FILE, TensorBoardTracker, TrackerError, scalars
+from rlvr.trainer.config import TrainConfig
 
 
 def events(output_dir: Path) -> EventAccumulator:

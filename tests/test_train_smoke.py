@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from rlvr.trainer.config import TrainConfig, config_from_args, config_yaml
-from rlvr.trainer.grpo import TrainResult
+from rlvr.trainer.sync_loop import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from rlvr.verifiers.format import extract_tag, verify_format
 
 GOOD = "<think>\nFirst, 2 + 2.\nThat is 4.\n</think>\n<answer>4</answer>\n"

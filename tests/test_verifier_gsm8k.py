@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from rlvr.verifiers.gsm8k import verify_gsm8k
 
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from rlvr.verifiers.math import (
     averify_math_batch,
     extract_boxed,

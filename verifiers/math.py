@@ -70,11 +70,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-from rlvr.verifiers.pool import ItemResult, shared_pool
-from rlvr.verifiers.types import Verdict
 from sympy import FiniteSet, S, Set, Tuple
 from sympy.core.relational import Relational
 from sympy.logic.boolalg import BooleanFunction
+
+from rlvr.verifiers.pool import ItemResult, shared_pool
+from rlvr.verifiers.types import Verdict
 
 _TAIL_CHARS = 4000  # math-verify's regexes have lazy quantifiers; bound their input
 _MAX_ANSWER_CHARS = 2000  # longer than any real boxed answer (a 5x5 matrix is ~300)

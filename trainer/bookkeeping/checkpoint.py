@@ -10,7 +10,7 @@
 - ``config.yaml``: the run's ``TrainConfig``, for the record;
 - ``lagged_weights/version_N.safetensors`` (asynchronous runs, ``--max-staleness eta >= 1``):
   the weights of versions ``step - eta .. step - 1``, which sample the next ``eta`` batches
-  (the generator runs at a fixed lag, ``generator_worker.py`` invariant 2), so a resumed run
+  (the generator runs at a fixed lag, ``pipeline/generator_process.py`` invariant 2), so a resumed run
   samples exactly what the uninterrupted one did.
 
 - ``manifest.json``, written last: the relative path, size and sha256 of every other file
@@ -45,10 +45,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from rlvr.trainer.config import TrainConfig, config_yaml
-from rlvr.trainer.distributed import barrier, is_main
-from rlvr.trainer.types import Learner
 from safetensors.torch import load_file, save_file
+
+from rlvr.trainer.config import TrainConfig, config_yaml
+from rlvr.trainer.engines.distributed import barrier, is_main
+from rlvr.trainer.protocols import Learner
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 r"""The default tiny model: an offline tokenizer, a tiny Qwen2, and the model loaders.
 
-``scripts/train.py`` with no ``--model`` trains ``trainer/default_model/``: a Qwen2
+``scripts/train.py`` with no ``--model`` trains ``trainer/engines/default_model/``: a Qwen2
 causal LM of about a million parameters with its own byte-level BPE tokenizer, both
 built here without any download, and warmed up by ``scripts/make_default_model.py``
 (see its docstring for what the warm-up teaches and why). It is loaded through
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import transformers.utils.logging as hf_logging
-from rlvr.datasets.arithmetic import ArithmeticConfig, make_problem
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -46,6 +45,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2Tokenizer,
 )
+
+from rlvr.datasets.arithmetic import ArithmeticConfig, make_problem
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 """The committed warm-up model folder (config, safetensors, tokenizer files)."""

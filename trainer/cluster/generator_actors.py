@@ -2,7 +2,7 @@
 
 Actor side, :class:`GeneratorActor`: its own generator (``--generator``: transformers, or
 vLLM in-process), its own copy of the model and its own environments, as the generator
-process of the one-machine pipeline has (``generator_worker.py``). It owns a fixed shard
+process of the one-machine pipeline has (``pipeline/generator_process.py``). It owns a fixed shard
 of every step: of the ``P = prompts_per_step`` groups, generator ``k`` of ``N`` plays the
 ``k``-th of ``N`` contiguous, nearly equal slices (:func:`shard_groups`), with the same
 tasks (``TaskSchedule``) as the synchronous loop and the sampling seed
@@ -24,7 +24,7 @@ Invariants:
 3. **Weights by reference, or by broadcast.** With the object-store route ``play`` gets
    the weights as an ``ObjectRef`` inside a list (so Ray does not resolve it on the way
    in) and fetches them only when its version differs from the one asked for: each actor
-   copies each version once. With the broadcast route (``ray_weights.py``) the actor is
+   copies each version once. With the broadcast route (``cluster/weight_routes.py``) the actor is
    threaded, with concurrency groups ``weights`` (``join_weights``, ``receive_weights``:
    into a ring of versions) and ``control`` (``abort_weights``) beside the default one
    (``play``), each running its calls in the order sent; ``play`` gets ``[None]`` and
@@ -51,17 +51,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rlvr.envs.registry import make_env
-from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import load_tokenizer
-from rlvr.trainer.engines import build_generator, choose_generator, model_source
-from rlvr.trainer.generator_worker import GeneratorError
-from rlvr.trainer.grpo import max_context, resolve_device, sampling_params, seed_everything, step_seed, task_schedule
-from rlvr.trainer.ray_cluster import Place, RayCluster, here, remote_class, require_ray
-from rlvr.trainer.ray_weights import transport_device
-from rlvr.trainer.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
-from rlvr.trainer.weight_group import WeightReceiver
 from transformers import AutoConfig
+
+from rlvr.envs.registry import make_env
+from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
+from rlvr.trainer.cluster.ray_runtime import Place, RayCluster, here, remote_class, require_ray
+from rlvr.trainer.cluster.weight_routes import transport_device
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.engines.build import build_generator, choose_generator, model_source
+from rlvr.trainer.engines.models import load_tokenizer
+from rlvr.trainer.pipeline.generator_process import GeneratorError
+from rlvr.trainer.sync_loop import (
+    max_context,
+    resolve_device,
+    sampling_params,
+    seed_everything,
+    step_seed,
+    task_schedule,
+)
+from rlvr.trainer.weights.broadcast import WeightReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +137,7 @@ class GeneratorActor:
         self.renderer = EnvMessageRenderer(self.tokenizer, set(self.generator.eos_ids))
         self.sampling = sampling_params(config)
         self.max_context = max_context(AutoConfig.from_pretrained(model_source(config.model)))
-        self.receiver = WeightReceiver()  # the broadcast route's end (ray_weights.py); unused otherwise
+        self.receiver = WeightReceiver()  # the broadcast route's end (cluster/weight_routes.py); unused otherwise
         self._idle_since = time.perf_counter()
 
     def where(self) -> Place:

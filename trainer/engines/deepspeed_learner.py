@@ -41,7 +41,7 @@ metrics.
 
 **ZeRO-3 gathering.** At ZeRO-3 each rank holds a slice of every parameter (the module's
 ``param.data`` is an empty placeholder between uses). Forward passes gather layers on
-demand through DeepSpeed's module hooks (``logprobs.py`` calls the model's modules, so
+demand through DeepSpeed's module hooks (``algorithm/logprobs.py`` calls the model's modules, so
 the hooks fire). For the full weights, ``deepspeed.zero.GatheredParameters`` gathers one
 parameter at a time on every rank; rank 0 copies it to CPU and the slices are released
 on leaving the context, so peak memory is the shards plus one whole parameter. Tied
@@ -70,9 +70,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rlvr.trainer import distributed
-from rlvr.trainer.learner import MicroBatchLearner, warmup_schedule
-from rlvr.trainer.losses import LossFn
+
+from rlvr.trainer.algorithm.losses import LossFn
+from rlvr.trainer.engines import distributed
+from rlvr.trainer.engines.torch_learner import MicroBatchLearner, warmup_schedule
 
 _DS_DIR = "deepspeed"
 _TAG = "learner"
@@ -198,7 +199,7 @@ class DeepSpeedLearner(MicroBatchLearner):
         # The boundary is where ZeRO reduces gradients over ranks; DeepSpeed averages them,
         # so scale by the world size to get the sum of the shards' gradients.
         self.engine.set_gradient_accumulation_boundary(last)
-        # logprobs.py runs the model's modules, not ``engine.forward``, which would first
+        # algorithm/logprobs.py runs the model's modules, not ``engine.forward``, which would first
         # tell the ZeRO optimizer that a new micro-batch begins (ZeRO-3 then accumulates
         # into, instead of overwriting, the previous micro-batch's gradient partitions).
         # Nothing between that forward and this backward reads the flag, so do it here.

@@ -3,7 +3,7 @@
     python scripts/train.py --cluster ray --learner deepspeed --zero-stage 2 --learner-ranks 2 --max-staleness 1
 
 Each of the ``M`` ranks is a :class:`LearnerRank` actor holding a ``DeepSpeedLearner``
-(``deepspeed_learner.py``): the same learner a ``torchrun`` launch gives, except that Ray
+(``engines/deepspeed_learner.py``): the same learner a ``torchrun`` launch gives, except that Ray
 places the processes (one placement-group bundle per rank: a GPU where the run's device is
 CUDA, else a CPU) and the driver plays the launcher, setting ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` (0: Ray shows each rank only its own GPU), ``MASTER_ADDR`` and
@@ -39,14 +39,15 @@ import socket
 from typing import Any
 
 import torch
-from rlvr.trainer.batch import TrainBatch
+
+from rlvr.trainer.algorithm.batch import TrainBatch
+from rlvr.trainer.cluster.ray_runtime import Place, RayCluster, here, remote_class
+from rlvr.trainer.cluster.weight_routes import transport_device
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.default_model import load_model
-from rlvr.trainer.engines import build_learner, build_loss_fn
-from rlvr.trainer.grpo import resolve_device, seed_everything
-from rlvr.trainer.ray_cluster import Place, RayCluster, here, remote_class
-from rlvr.trainer.ray_weights import transport_device
-from rlvr.trainer.weight_group import WeightSender
+from rlvr.trainer.engines.build import build_learner, build_loss_fn
+from rlvr.trainer.engines.models import load_model
+from rlvr.trainer.sync_loop import resolve_device, seed_everything
+from rlvr.trainer.weights.broadcast import WeightSender
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class LearnerRank:
     def __init__(self, config: TrainConfig, rank: int, world: int, threads: int):
         self.config, self.rank, self.world, self.threads = config, rank, world, threads
         self.learner: Any = None
-        self.sender: WeightSender | None = None  # rank 0's end of the broadcast route (ray_weights.py)
+        self.sender: WeightSender | None = None  # rank 0's end of the broadcast route (cluster/weight_routes.py)
 
     def where(self) -> Place:
         return here(f"rlvr-learner-{self.rank}")

@@ -4,8 +4,8 @@
     python scripts/train.py --env gsm8k --cluster ray --ray-address auto --num-generators 8 --max-staleness 2
 
 The same steps, objective and staleness bound as the one-machine pipeline
-(``async_trainer.py``), with the generator process replaced by ``N = num_generators``
-Ray actors (``ray_actors.py``) and the shared-memory transport by Ray's object store:
+(``pipeline/loop.py``), with the generator process replaced by ``N = num_generators``
+Ray actors (``cluster/generator_actors.py``) and the shared-memory transport by Ray's object store:
 
     driver (here: the learner)                         generator actors k = 0 .. N-1
     after step s-1: publish weights v = s-1            play(step, [ref of v(step) | None], v(step)):
@@ -19,23 +19,23 @@ Which weights sample which step is fixed: step ``s`` is sampled by version
 shard alike, so the batches do not depend on how fast each actor is, and with
 ``max_staleness = 0`` and one generator the run is the synchronous loop (same tasks, same
 seeds, same weights: ``tests/test_ray_trainer.py`` compares the metrics). A checkpoint
-carries the ``eta`` older versions the next batches sample with (``checkpoint.py``), so a
+carries the ``eta`` older versions the next batches sample with (``bookkeeping/checkpoint.py``), so a
 resumed run samples what the uninterrupted one would have. The groups of a step are split
 in fixed contiguous shards, one per actor, each with its own sampling seed
 (``ray_actors.shard_seed``); a batch is learned only when every shard is in, and the
 advantages are computed over the whole batch as in the synchronous loop (group-relative,
 so a shard boundary changes nothing).
 
-The loss is the decoupled objective chosen per batch as in ``async_trainer.py``: GRPO's
+The loss is the decoupled objective chosen per batch as in ``pipeline/loop.py``: GRPO's
 exact loss for batches sampled by the learner's current weights, the importance-weighted
 one for stale batches.
 
 Where this departs from the one-machine pipeline: weights reach the actors by the route
-``--weight-sync`` names (``ray_weights.py``): through the object store (one ``ray.put``
+``--weight-sync`` names (``cluster/weight_routes.py``): through the object store (one ``ray.put``
 per version, one copy per actor and version), or broadcast by the learner's rank 0 over a
-weight group of its own with the actors (``weight_group.py``: NCCL on GPUs, gloo on CPUs).
+weight group of its own with the actors (``weights/broadcast.py``: NCCL on GPUs, gloo on CPUs).
 The learner runs in the driver process, or with ``--learner-ranks M`` (DeepSpeed) as ``M``
-rank actors driven from here (``ray_learner.py``): the driver packs each batch and sends
+rank actors driven from here (``cluster/learner_actors.py``): the driver packs each batch and sends
 every rank its shard, and rank 0's gathered weights go to the store, or out on the
 broadcast, directly.
 
@@ -66,23 +66,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rlvr.envs.registry import make_env
-from rlvr.trainer.advantages import SCALES, turn_advantages
-from rlvr.trainer.async_trainer import GeneratorSeconds, pipeline_metrics, role_threads, run_steps
-from rlvr.trainer.batch import pack_episodes
-from rlvr.trainer.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume
-from rlvr.trainer.config import TrainConfig, write_config
-from rlvr.trainer.default_model import load_model, load_tokenizer
-from rlvr.trainer.engines import EngineError, build_learner, build_loss_fn, choose_generator, model_source
-from rlvr.trainer.grpo import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
-from rlvr.trainer.metrics import RunLog, Stopwatch
-from rlvr.trainer.ray_cluster import RayCluster, require_ray
-from rlvr.trainer.ray_weights import choose_route, make_route
-from rlvr.trainer.rollout import RolloutBatch
-from rlvr.trainer.rollout_queue import Admission, RolloutBuffer, RolloutItem, staleness_metrics
-from rlvr.trainer.types import Learner
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from rlvr.envs.registry import make_env
+from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
+from rlvr.trainer.algorithm.batch import pack_episodes
+from rlvr.trainer.algorithm.rollout import RolloutBatch
+from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem, staleness_metrics
+from rlvr.trainer.bookkeeping.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume
+from rlvr.trainer.bookkeeping.metrics import RunLog, Stopwatch
+from rlvr.trainer.cluster.ray_runtime import RayCluster, require_ray
+from rlvr.trainer.cluster.weight_routes import choose_route, make_route
+from rlvr.trainer.config import TrainConfig, write_config
+from rlvr.trainer.engines.build import EngineError, build_learner, build_loss_fn, choose_generator, model_source
+from rlvr.trainer.engines.models import load_model, load_tokenizer
+from rlvr.trainer.pipeline.loop import GeneratorSeconds, pipeline_metrics, role_threads, run_steps
+from rlvr.trainer.protocols import Learner
+from rlvr.trainer.sync_loop import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class _Session:
     bar: Any = None
 
     def learner_group(self, config: TrainConfig) -> Learner:
-        from rlvr.trainer.ray_learner import RayLearnerGroup  # imports Ray: only here
+        from rlvr.trainer.cluster.learner_actors import RayLearnerGroup  # imports Ray: only here
 
         assert self.cluster is not None
         gpus = _gpus(config, self.cluster)
@@ -250,7 +251,7 @@ class _RayPipeline:
     """The learner's side: weight versions in the object store, steps sent, shards gathered into batches."""
 
     def __init__(self, cluster: RayCluster, config: TrainConfig, learner: Learner, start: int, lagged: dict):
-        from rlvr.trainer.ray_actors import GeneratorPool  # imports Ray: only here, after require_ray
+        from rlvr.trainer.cluster.generator_actors import GeneratorPool  # imports Ray: only here, after require_ray
 
         self.ray, self.config = cluster.ray, config
         self.admission = Admission(config.max_staleness or 0)

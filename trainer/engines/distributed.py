@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rlvr.trainer.batch import TrainBatch
+
+from rlvr.trainer.algorithm.batch import TrainBatch
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """What torchrun and the deepspeed launcher set in every process they start."""

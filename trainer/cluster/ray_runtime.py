@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from rlvr.trainer.engines import EngineError, EngineUnavailable, installed
+from rlvr.trainer.engines.build import EngineError, EngineUnavailable, installed
 
 logger = logging.getLogger(__name__)
 
