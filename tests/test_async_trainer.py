@@ -240,10 +240,10 @@ def test_a_generator_that_dies_holding_the_weight_lock_is_reported_as_its_death(
 
     must not fail with a lock timeout: the death is the error (or a restart, with a fresh transport).
     """
-    from rlvr.trainer.weights import shared_memory as weight_transport
     from rlvr.trainer.engines.build import build_learner
     from rlvr.trainer.engines.models import load_model
     from rlvr.trainer.pipeline.loop import _Pipeline
+    from rlvr.trainer.weights import shared_memory as weight_transport
 
     config = tiny_config(assets, tmp_path, max_staleness=1)
     model, _ = load_model(config.model)
