@@ -37,7 +37,7 @@ from rlvr.trainer.bookkeeping.trackers import TrackerError, check_trackers
 from rlvr.trainer.config import TrainConfig, config_from_args
 
 if TYPE_CHECKING:
-    from rlvr.trainer.sync_loop import TrainResult
+    from rlvr.trainer.run import TrainResult
 
 UNSOLVED_REWARD = 0.02
 """A final reward below this on the default model means it cannot solve the environment (see summary_lines)."""
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlvr.trainer.bookkeeping.checkpoint import CheckpointError
     from rlvr.trainer.engines.build import EngineError
     from rlvr.trainer.engines.distributed import is_main
-    from rlvr.trainer.pipeline.generator_process import GeneratorError
+    from rlvr.trainer.protocols import GeneratorError
 
     failures: tuple[type[Exception], ...] = (GeneratorError,)  # the other side of the run failed: exit 1
     if config.cluster == "ray":

@@ -22,8 +22,8 @@ from conftest import HANG_DUMP_ENV, interrupt_and_wait, saved_on_stop, tiny_conf
 from safetensors.torch import load_file
 
 from rlvr.trainer.bookkeeping.metrics import read_metrics
-from rlvr.trainer.pipeline.generator_process import GeneratorError
 from rlvr.trainer.pipeline.loop import train_async
+from rlvr.trainer.protocols import GeneratorError
 from rlvr.trainer.sync_loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_a_generator_that_dies_holding_the_weight_lock_is_reported_as_its_death(
 
     config = tiny_config(assets, tmp_path, max_staleness=1)
     model, _ = load_model(config.model)
-    learner = build_learner(config, model, torch.device("cpu"), objective="decoupled")
+    learner = build_learner(config, model, torch.device("cpu"))
     pipeline = _Pipeline(config, learner, start=0, lagged={})
     try:
         holder = pipeline.ctx.Process(target=_hold_forever, args=(pipeline.transport._lock,), daemon=True)

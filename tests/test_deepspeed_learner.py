@@ -31,7 +31,7 @@ import pytest
 import torch
 from test_learner import _batch
 
-from rlvr.trainer.algorithm.losses import make_loss_fn
+from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
 from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.trainer.engines.torch_learner import TorchLearner
 
@@ -113,11 +113,15 @@ def test_offloaded_optimizer_follows_the_torch_trajectory(tokenizer, batches, re
     _assert_same(_run(learner, batches), reference)
 
 
-def test_the_loss_can_be_chosen_per_step(tokenizer, batches):
-    learner = DeepSpeedLearner(_model(tokenizer), make_loss_fn(), zero_stage=0, **KW)
-    other = TorchLearner(_model(tokenizer), make_loss_fn(aggregation="sequence"), **KW)
-    got = learner.step(_copy(batches[0]), loss_fn=make_loss_fn(aggregation="sequence"))
-    assert got == other.step(_copy(batches[0]))
+def test_each_batch_says_which_loss_of_the_objective_it_takes(tokenizer, batches):
+    # The objective is chosen at setup; step(batch, on_policy=...) picks its on-policy or its stale loss.
+    objective = Objective(stale=make_loss_fn(), on_policy=make_loss_fn(aggregation="sequence"))
+    learner = DeepSpeedLearner(_model(tokenizer), objective, zero_stage=0, **KW)
+    on_policy = TorchLearner(_model(tokenizer), make_loss_fn(aggregation="sequence"), **KW).step(_copy(batches[0]))
+    stale = TorchLearner(_model(tokenizer), make_loss_fn(), **KW).step(_copy(batches[0]))
+    assert on_policy != stale  # the two losses differ on this batch
+    assert learner.step(_copy(batches[0]), on_policy=True) == on_policy
+    assert TorchLearner(_model(tokenizer), objective, **KW).step(_copy(batches[0]), on_policy=False) == stale
 
 
 def _free_port() -> int:

@@ -31,9 +31,10 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rlvr
 from test_ray_cluster import alive, process_tree  # noqa: E402 - a sibling: pytest puts tests/ on sys.path
 
 from rlvr.trainer.cluster import ray_runtime as ray_cluster  # noqa: E402 - after the skip: it needs Ray
-from rlvr.trainer.cluster.generator_actors import RayGeneratorError, shard_groups, shard_seed  # noqa: E402
+from rlvr.trainer.cluster.generator_actors import RayGeneratorError  # noqa: E402
 from rlvr.trainer.cluster.learner_actors import RayLearnerError  # noqa: E402
 from rlvr.trainer.cluster.loop import train_ray  # noqa: E402
+from rlvr.trainer.step import shard_groups, shard_seed  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from rlvr.trainer.config import TrainConfig, config_from_args, config_yaml
-from rlvr.trainer.sync_loop import TrainResult
+from rlvr.trainer.run import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"

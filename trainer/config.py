@@ -296,6 +296,38 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # --- the defaults that depend on other fields, resolved here and nowhere else. Properties,
+    # not fields: derived values are never written back into the config (or its YAML).
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether generation runs apart from learning (``--max-staleness`` or ``--cluster``)."""
+        return self.max_staleness is not None or self.cluster is not None
+
+    @property
+    def eta(self) -> int:
+        """The staleness bound the run keeps: ``max_staleness``, 0 when absent."""
+        return 0 if self.max_staleness is None else self.max_staleness
+
+    @property
+    def objective_name(self) -> str:
+        """The objective the run learns with: ``objective``, else the loop's own.
+
+        'grpo' for the synchronous loop, 'decoupled' for the pipelines: identical on on-policy
+        batches (see ``algorithm/losses.py``).
+        """
+        if self.objective is not None:
+            return self.objective
+        return "decoupled" if self.pipelined else "grpo"
+
+    @property
+    def role_threads(self) -> int:
+        """Torch threads of each process of a pipeline: ``torch_threads`` split between two roles.
+
+        At least 1 (0: torch's default). The synchronous loop uses ``torch_threads`` itself.
+        """
+        return max(1, self.torch_threads // 2) if self.torch_threads > 0 else 0
+
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
     """Return the attribute docstrings of a dataclass (the string after each field), by field name."""

@@ -1,15 +1,16 @@
-"""The seams of the trainer: typed records and the Generator / Learner protocols.
+"""The seams of the trainer: typed records, the Generator / Learner protocols, the generator side's error.
 
-Everything that crosses a role boundary is one of these records, so the synchronous
-loop of today and the asynchronous pipeline (separate processes, vLLM, DeepSpeed) of
-later plug into the same seams. Protocols, not base classes: a vLLM generator and a
-transformers generator share no code, only this contract.
+Everything that crosses a role boundary is one of these records, so the synchronous loop,
+the two-process pipeline and the Ray cluster (separate processes, vLLM, DeepSpeed) plug
+into the same seams. Protocols, not base classes: a vLLM generator and a transformers
+generator share no code, only this contract. This module imports nothing of rlvr: it is
+the bottom of the layers (README, "Architecture").
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -75,16 +76,19 @@ class Generator(Protocol):
 
 
 class Learner(Protocol):
-    """Takes optimizer steps on batches of rollouts. Implementations: torch, DeepSpeed."""
+    """Takes optimizer steps on batches of rollouts. Implementations: torch, DeepSpeed, Ray's rank group.
+
+    The objective is chosen when the learner is built (``algorithm/losses.Objective``).
+    """
 
     version: int
 
-    def step(self, batch: Any, loss_fn: Any = None) -> dict[str, float]:
+    def step(self, batch: Any, on_policy: bool = False) -> dict[str, float]:
         """One optimizer step (or ``num_iterations`` of them) on a batch; returns metrics.
 
-        ``loss_fn`` overrides, for this batch only, the loss chosen at construction (the
-        asynchronous pipeline picks one of two per batch). With several data-parallel
-        ranks, ``batch`` is this rank's share and the metrics are the whole batch's.
+        ``on_policy``: the batch was sampled by the weights being learned from (staleness 0),
+        so the objective's on-policy loss applies. With several data-parallel ranks under a
+        launcher, ``batch`` is this rank's share and the metrics are the whole batch's.
         """
         ...
 
@@ -104,12 +108,15 @@ class Learner(Protocol):
         ...
 
 
-@dataclass
-class Metrics:
-    """A flat bag of named floats for one step; written as one line of metrics.jsonl."""
+class GeneratorError(RuntimeError):
+    """The generator side of a pipeline failed: a generator process or actor raised an error, or died."""
 
-    values: dict[str, float] = field(default_factory=dict)
+    def __init__(self, message: str, *, exitcode: int | None = None, remote_traceback: str = ""):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.remote_traceback = remote_traceback
 
-    def update(self, other: Mapping[str, float], prefix: str = "") -> None:
-        for k, v in other.items():
-            self.values[prefix + k] = float(v)
+    @property
+    def reported(self) -> bool:
+        """Whether the child reported an exception (as opposed to dying silently)."""
+        return bool(self.remote_traceback)

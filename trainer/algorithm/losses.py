@@ -248,6 +248,24 @@ def grpo_loss(
 LossFn = Callable[[LossInputs], LossOutputs]
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The loss a learner is built with, chosen once at setup: one function per kind of batch.
+
+    ``on_policy`` serves batches sampled by the very weights being learned from (every batch
+    of the synchronous loop; a pipeline's batches at staleness 0), ``stale`` the others; for
+    ``grpo`` the two are the same function. ``Learner.step(batch, on_policy=...)`` picks.
+    """
+
+    stale: LossFn
+    on_policy: LossFn
+
+    @classmethod
+    def of(cls, loss: LossFn | Objective) -> Objective:
+        """Return ``loss`` as an objective: a single function serves both kinds of batch."""
+        return loss if isinstance(loss, Objective) else cls(stale=loss, on_policy=loss)
+
+
 # --- behaviour importance weights pi_prox / mu (decoupled and plain objectives) ------------
 
 

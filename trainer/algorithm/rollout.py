@@ -34,7 +34,7 @@ from typing import Any
 import gymnasium
 
 from rlvr.trainer.algorithm.chat import encode_chat, render_chat
-from rlvr.trainer.bookkeeping.metrics import Stopwatch
+from rlvr.trainer.algorithm.stopwatch import Stopwatch
 from rlvr.trainer.protocols import Completion, Generator, SamplingParams
 
 Messages = list[dict[str, str]]

@@ -34,9 +34,11 @@ from transformers import AutoConfig
 from rlvr.envs.registry import make_env
 from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, Episode, TaskRef, collect_rollouts
 from rlvr.trainer.bookkeeping.passk import majority_vote, pass_at_k, report_ks
-from rlvr.trainer.engines.build import build_generator, choose_generator, model_source
-from rlvr.trainer.engines.models import load_tokenizer
-from rlvr.trainer.protocols import Generator, SamplingParams
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.engines.build import build_generator, choose_generator, max_context, model_source, resolve_device
+from rlvr.trainer.engines.models import load_model, load_tokenizer
+from rlvr.trainer.engines.transformers_generator import TransformersGenerator
+from rlvr.trainer.protocols import Generator, Learner, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -269,3 +271,37 @@ def training_eval(config: Any) -> TrainingEval | None:
         logger.info("eval: %s %s, procedural tasks %d.. (disjoint from training's)", name, kwargs, HELD_OUT_OFFSET)
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0, seed=config.seed)
     return TrainingEval(envs=envs, indices=indices, params=params, seed=config.seed)
+
+
+@dataclass
+class LearnerEval:
+    """``--eval-every`` in the learner process: greedy pass@1 of the learner's current weights.
+
+    The learner evaluates, not the generator process: there the weights run ``eta`` steps
+    behind and the schedule of batches is fixed. It samples with rlvr's transformers loop
+    on the learner's own model (torch learner: no copy) or on a copy that receives the
+    learner's weights before each evaluation (DeepSpeed: the module may be partitioned).
+    Greedy decoding draws no random numbers, so training is unchanged by evaluating.
+    """
+
+    evaluate: TrainingEval
+    generator: TransformersGenerator
+    tokenizer: Any
+    max_context: int
+    copy: bool
+
+    @classmethod
+    def build(cls, config: TrainConfig, learner: Learner, tokenizer: Any) -> LearnerEval | None:
+        evaluate = training_eval(config)
+        if evaluate is None:
+            return None
+        own = getattr(learner, "model", None) if config.learner == "torch" else None
+        model = own if own is not None else load_model(config.model)[0]
+        device = next(learner.model.parameters()).device if own is not None else resolve_device(config.device)
+        generator = TransformersGenerator(model.to(device), tokenizer, device=device, seed=config.seed)
+        return cls(evaluate, generator, tokenizer, max_context(model.config), copy=own is None)
+
+    def __call__(self, learner: Learner) -> dict[str, float]:
+        if self.copy:
+            self.generator.update_weights(learner.weights_for_generation(), learner.version)
+        return self.evaluate(self.generator, self.tokenizer, self.max_context)

@@ -38,16 +38,13 @@ files, and TensorBoard / W&B when they are installed and asked for.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import statistics
 import sys
-import time
-from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,21 +72,6 @@ def log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("[rlvr] %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
-
-
-class Stopwatch:
-    """Accumulates wall-clock seconds per label: ``with watch.time("generation"): ...``."""
-
-    def __init__(self) -> None:
-        self.seconds: defaultdict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def time(self, label: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[label] += time.perf_counter() - start
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

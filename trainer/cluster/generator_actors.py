@@ -50,47 +50,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import AutoConfig
-
-from rlvr.envs.registry import make_env
-from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
+from rlvr.trainer.algorithm.rollout import RolloutBatch
 from rlvr.trainer.cluster.ray_runtime import Place, RayCluster, here, remote_class, require_ray
 from rlvr.trainer.cluster.weight_routes import transport_device
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import build_generator, choose_generator, model_source
-from rlvr.trainer.engines.models import load_tokenizer
-from rlvr.trainer.pipeline.generator_process import GeneratorError
-from rlvr.trainer.sync_loop import (
-    max_context,
-    resolve_device,
-    sampling_params,
-    seed_everything,
-    step_seed,
-    task_schedule,
-)
+from rlvr.trainer.engines.build import choose_generator, resolve_device, setup_process
+from rlvr.trainer.protocols import GeneratorError
+from rlvr.trainer.step import Player, shard_groups
 from rlvr.trainer.weights.broadcast import WeightReceiver
 
 logger = logging.getLogger(__name__)
 
 _POLL = 0.2  # seconds per wait on results: the loop checks for deaths between waits
 _READY_TIMEOUT = 600.0  # seconds for an actor to load its model and environments
-SHARD_SEED_STRIDE = 104_729
-"""Seed offset per first group of a shard (a prime, apart from collect_rollouts' per-turn 7919)."""
-
-
-def shard_groups(prompts: int, shards: int) -> list[range]:
-    """Split groups ``0 .. prompts - 1`` into ``shards`` contiguous slices, the first ones one longer."""
-    if not 1 <= shards <= prompts:
-        raise ValueError(f"cannot split {prompts} groups over {shards} generators")
-    size, extra = divmod(prompts, shards)
-    starts = [k * size + min(k, extra) for k in range(shards + 1)]
-    return [range(starts[k], starts[k + 1]) for k in range(shards)]
-
-
-def shard_seed(seed: int, step: int, first_group: int) -> int:
-    """Return the sampling seed of the shard starting at ``first_group``: the synchronous loop's for group 0."""
-    return step_seed(seed, step) + SHARD_SEED_STRIDE * first_group
 
 
 @dataclass
@@ -115,28 +87,16 @@ class GeneratorActor:
     """One generator on the cluster (wrapped with ``ray.remote`` by the pool); see the module docstring."""
 
     def __init__(self, config: TrainConfig, shard: int, shards: int, threads: int, name: str):
-        seed_everything(config.seed)
-        if threads > 0:
-            torch.set_num_threads(threads)
+        setup_process(config, threads)
         self.config, self.shard, self.name = config, shard, name
-        self.groups = shard_groups(config.prompts_per_step, shards)[shard]
-        self.envs = [make_env(config.env, **config.env_kwargs) for _ in range(len(self.groups) * config.group_size)]
-        self.schedule = task_schedule(config, self.envs[0])
-        self.tokenizer = load_tokenizer(config.model)
         device = resolve_device(config.device)
-        choice = choose_generator(config.generator, device)
-        if choice.kind == "vllm" and device.type == "cpu" and threads > 0:
+        if choose_generator(config.generator, device).kind == "vllm" and device.type == "cpu" and threads > 0:
             # vLLM's CPU build pins its OpenMP threads (engines.vllm_settings: cores 0..threads-1);
             # actors sharing a node would all pin to core 0, so each takes its own cores.
             first = (shard * threads) % max(1, (os.cpu_count() or 1) - threads + 1)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{first + threads - 1}")
-        self.generator = build_generator(
-            choice, config.model, self.tokenizer, device, seed=config.seed, threads=threads
-        )
-        self.generator.version = -1  # nothing received yet: the loaded weights are never used
-        self.renderer = EnvMessageRenderer(self.tokenizer, set(self.generator.eos_ids))
-        self.sampling = sampling_params(config)
-        self.max_context = max_context(AutoConfig.from_pretrained(model_source(config.model)))
+        groups = shard_groups(config.prompts_per_step, shards)[shard]
+        self.player = Player.build(config, device, groups=groups, threads=threads)  # the step core's generator side
         self.receiver = WeightReceiver()  # the broadcast route's end (cluster/weight_routes.py); unused otherwise
         self._idle_since = time.perf_counter()
 
@@ -163,21 +123,15 @@ class GeneratorActor:
         route: the version is taken from the ring once received).
         """
         t0 = time.perf_counter()
-        if self.generator.version != version:
+        generator = self.player.generator
+        if generator.version != version:
             if weights[0] is None:
                 state = self.receiver.get(version)
             else:
                 state = require_ray().get(weights[0])
-            self.generator.update_weights(state, version)
+            generator.update_weights(state, version)
         t1 = time.perf_counter()
-        tasks = [self.schedule(step, p) for p in self.groups]
-        params = dataclasses.replace(self.sampling, seed=shard_seed(self.config.seed, step, self.groups.start))
-        rollouts = collect_rollouts(
-            self.envs, self.generator, self.tokenizer, self.renderer, tasks, self.config.group_size, params,
-            self.max_context,
-        )  # fmt: skip
-        for episode in rollouts.episodes:
-            episode.group += self.groups.start
+        rollouts = self.player.play(step)  # this actor's shard of the groups, Episode.group step-wide
         t2 = time.perf_counter()
         wait, self._idle_since = t0 - self._idle_since, t2
         return ShardResult(step, self.shard, version, rollouts, wait, t1 - t0, t2 - t1)

@@ -44,9 +44,8 @@ from rlvr.trainer.algorithm.batch import TrainBatch
 from rlvr.trainer.cluster.ray_runtime import Place, RayCluster, here, remote_class
 from rlvr.trainer.cluster.weight_routes import transport_device
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import build_learner, build_loss_fn
+from rlvr.trainer.engines.build import build_learner, resolve_device, setup_process
 from rlvr.trainer.engines.models import load_model
-from rlvr.trainer.sync_loop import resolve_device, seed_everything
 from rlvr.trainer.weights.broadcast import WeightSender
 
 logger = logging.getLogger(__name__)
@@ -81,18 +80,14 @@ class LearnerRank:
         """Join the process group and build the DeepSpeed learner (collective); return the learner's version."""
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))  # fmt: skip
-        seed_everything(self.config.seed)
-        if self.threads > 0:
-            torch.set_num_threads(self.threads)
+        setup_process(self.config, self.threads)
         device = resolve_device(self.config.device)
         model = load_model(self.config.model)[0].to(device)
-        objective = self.config.objective or "decoupled"
-        self.learner = build_learner(self.config, model, device, objective=objective)
-        self.losses = {False: build_loss_fn(self.config, objective), True: build_loss_fn(self.config, objective, True)}
+        self.learner = build_learner(self.config, model, device)
         return self.learner.version
 
     def step(self, shard: TrainBatch, on_policy: bool) -> dict[str, float]:
-        return self.learner.step(shard.to(self.learner.device), loss_fn=self.losses[on_policy])
+        return self.learner.step(shard.to(self.learner.device), on_policy=on_policy)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Return the full weights on rank 0, ``{}`` elsewhere (collective at ZeRO-3)."""
@@ -175,10 +170,8 @@ class RayLearnerGroup:
 
     # --- the Learner protocol ----------------------------------------------------------
 
-    def step(self, batch: TrainBatch, loss_fn: Any = None, *, on_policy: bool = False) -> dict[str, float]:
+    def step(self, batch: TrainBatch, on_policy: bool = False) -> dict[str, float]:
         """One optimizer step on ``batch``, rank ``r`` on shard ``r``; the metrics are the whole batch's."""
-        if loss_fn is not None:
-            raise ValueError("RayLearnerGroup picks the loss on the ranks: pass on_policy, not loss_fn")
         shards = [batch.shard(r, self.world).to("cpu") for r in range(self.world)]
         metrics = self._all([rank.step.remote(s, on_policy) for rank, s in zip(self.ranks, shards)], "step")[0]
         self.version += 1

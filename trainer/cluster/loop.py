@@ -59,31 +59,32 @@ Invariants of the concurrent code:
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlvr.envs.registry import make_env
-from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
-from rlvr.trainer.algorithm.batch import pack_episodes
 from rlvr.trainer.algorithm.rollout import RolloutBatch
-from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem, staleness_metrics
-from rlvr.trainer.bookkeeping.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume
-from rlvr.trainer.bookkeeping.metrics import RunLog, Stopwatch
+from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem
+from rlvr.trainer.bookkeeping.evaluation import LearnerEval
 from rlvr.trainer.cluster.ray_runtime import RayCluster, require_ray
 from rlvr.trainer.cluster.weight_routes import choose_route, make_route
-from rlvr.trainer.config import TrainConfig, write_config
-from rlvr.trainer.engines.build import EngineError, build_learner, build_loss_fn, choose_generator, model_source
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.engines.build import (
+    EngineError,
+    build_learner,
+    choose_generator,
+    learner_ranks,
+    model_source,
+    resolve_device,
+    setup_process,
+)
 from rlvr.trainer.engines.models import load_model, load_tokenizer
-from rlvr.trainer.pipeline.loop import GeneratorSeconds, pipeline_metrics, role_threads, run_steps
 from rlvr.trainer.protocols import Learner
-from rlvr.trainer.sync_loop import TrainResult, learner_ranks, resolve_device, seed_everything, step_record
+from rlvr.trainer.run import RunShell, TrainResult, resume_point
+from rlvr.trainer.step import GeneratorSeconds, Learning, Taken, pipeline_step
 
 logger = logging.getLogger(__name__)
 
@@ -91,34 +92,24 @@ logger = logging.getLogger(__name__)
 def train_ray(config: TrainConfig) -> TrainResult:
     """Run asynchronous GRPO with ``config.num_generators`` generator actors on a Ray cluster."""
     require_ray()  # a usage error before any model loads
-    resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
+    resume_from = resume_point(config)
     tokenizer, local = _setup_driver(config)
-    write_config(config)
     run = _Session()
-    record: dict[str, Any] = {}
-    checkpoint, start = None, 0
     try:
         run.cluster = RayCluster(config.ray_address, _cpus(config), _object_store_bytes(config))
         learner = local if local is not None else run.learner_group(config)
-        lagged: dict[int, Any] = {}
-        if resume_from is not None:
-            start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
-        resume_step = start if resume_from else None
-        run.writer = RunLog(config.output_dir, resume_step, config.samples_every, tokenizer, config=config)
-        run.bar = tqdm(total=config.max_steps, initial=start, desc="grpo-ray", disable=not config.progress,
-                       file=sys.stderr)  # fmt: skip
-        pipeline = run.pipeline = _RayPipeline(run.cluster, config, learner, start, lagged)
-        step_fn = _StepFn(config, tokenizer.pad_token_id, group=run.group is not None)
-        record, checkpoint = run_steps(
-            config, learner, tokenizer, start, run.writer, run.bar,
-            lambda step: step_fn(step, pipeline, learner), pipeline.lagged,
-        )  # fmt: skip
+        shell = run.shell = RunShell(config, learner, tokenizer, resume_from, desc="grpo-ray", lagged=True)
+        pipeline = run.pipeline = _RayPipeline(run.cluster, config, learner, shell.start, shell.lagged)
+        learning = Learning(config, learner, tokenizer.pad_token_id, lambda: pipeline.publish(learner))
+        evaluate = LearnerEval.build(config, learner, tokenizer)
+        record, checkpoint = shell.run(
+            lambda step: pipeline_step(step, pipeline, learning),
+            evaluate=(lambda: evaluate(learner)) if evaluate is not None else None,
+            lagged=pipeline.lagged,
+        )
     finally:
         run.close()  # invariant 4: on every path
-    if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
-        checkpoint = resolve_resume("latest", config.output_dir)
-    metrics_path = Path(config.output_dir) / "metrics.jsonl"
-    return TrainResult(max(start, config.max_steps), metrics_path, checkpoint, record)
+    return shell.result(record, checkpoint)
 
 
 @dataclass
@@ -129,8 +120,7 @@ class _Session:
     group: Any = None
     """The ``RayLearnerGroup`` with --learner-ranks > 1."""
     pipeline: _RayPipeline | None = None
-    writer: RunLog | None = None
-    bar: Any = None
+    shell: RunShell | None = None
 
     def learner_group(self, config: TrainConfig) -> Learner:
         from rlvr.trainer.cluster.learner_actors import RayLearnerGroup  # imports Ray: only here
@@ -138,7 +128,7 @@ class _Session:
         assert self.cluster is not None
         gpus = _gpus(config, self.cluster)
         threaded = choose_route(config, gpus) == "broadcast"
-        self.group = RayLearnerGroup(self.cluster, config, role_threads(config), gpus, threaded)
+        self.group = RayLearnerGroup(self.cluster, config, config.role_threads, gpus, threaded)
         return self.group
 
     def close(self) -> None:
@@ -148,17 +138,13 @@ class _Session:
             self.group.close()
         if self.cluster is not None:
             self.cluster.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
+        if self.shell is not None:
+            self.shell.close()
 
 
 def _setup_driver(config: TrainConfig) -> tuple[Any, Learner | None]:
     """Check the run, load the tokenizer; build the learner here unless it is a group of rank actors."""
-    seed_everything(config.seed)
-    if role_threads(config) > 0:
-        torch.set_num_threads(role_threads(config))
+    setup_process(config, config.role_threads)
     make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
     device = resolve_device(config.device)
     choice = choose_generator(config.generator, device)  # checked here; built in every actor
@@ -173,7 +159,7 @@ def _setup_driver(config: TrainConfig) -> tuple[Any, Learner | None]:
         )
     model, tokenizer = load_model(config.model)
     model.to(device)
-    return tokenizer, build_learner(config, model, device, objective=config.objective or "decoupled")
+    return tokenizer, build_learner(config, model, device)
 
 
 def _cpus(config: TrainConfig) -> int:
@@ -192,7 +178,7 @@ def _object_store_bytes(config: TrainConfig) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     weights = sum(p.numel() * 4 for p in model.parameters())
-    return ((config.max_staleness or 0) + 3) * weights + 64 * 2**20
+    return (config.eta + 3) * weights + 64 * 2**20
 
 
 @dataclass
@@ -205,48 +191,6 @@ class _Step:
     busy_seconds: list[float]
 
 
-class _StepFn:
-    """One training step: take the step's batch, learn from it, publish; return its metrics and rollouts."""
-
-    def __init__(self, config: TrainConfig, pad_id: int, group: bool):
-        self.config, self.pad_id = config, pad_id
-        objective = config.objective or "decoupled"
-        stale = build_loss_fn(config, objective)
-        on_policy = build_loss_fn(config, objective, on_policy=True)  # mu is pi_prox: GRPO bit for bit
-        # Chosen once: a local learner takes the loss function, the rank actors build their own and take a flag.
-        if group:
-            self.learn = lambda learner, batch, fresh: learner.step(batch, on_policy=fresh)
-        else:
-            self.learn = lambda learner, batch, fresh: learner.step(batch, loss_fn=on_policy if fresh else stale)
-
-    def __call__(self, step: int, pipeline: _RayPipeline, learner: Learner) -> tuple[dict[str, Any], RolloutBatch]:
-        config, watch, t0 = self.config, Stopwatch(), time.perf_counter()
-        with watch.time("wait"):
-            item = pipeline.take(step, learner)
-        shards: _Step = item.payload
-        rollouts = shards.rollouts
-        advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], SCALES[config.scale])
-        batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], self.pad_id, config.mask_truncated)
-        staleness = [learner.version - v for e in rollouts.episodes for v in e.versions]
-        with watch.time("learning"):
-            learned = self.learn(learner, batch, max(staleness) == 0)
-        with watch.time("publish"):
-            pipeline.publish(learner)
-        step_seconds = time.perf_counter() - t0
-        n = len(shards.busy_seconds)
-        record = step_record(step, rollouts, learned, watch.seconds["learning"], step_seconds)
-        record |= staleness_metrics(staleness, config.max_staleness or 0)
-        # The generators' times: the mean wait and busy time of the actors, the slowest weight receive.
-        wait, busy = sum(shards.wait_seconds) / n, sum(shards.busy_seconds) / n
-        times = GeneratorSeconds(wait, max(shards.receive_seconds), busy)
-        record |= pipeline_metrics(
-            version=item.version, learner=watch.seconds, step_seconds=step_seconds, generator=times,
-            buffered=len(pipeline.buffer), restarts=pipeline.pool.restarts,
-        )  # fmt: skip
-        record["ray/num_generators"] = float(n)
-        return record, rollouts
-
-
 class _RayPipeline:
     """The learner's side: weight versions in the object store, steps sent, shards gathered into batches."""
 
@@ -254,13 +198,13 @@ class _RayPipeline:
         from rlvr.trainer.cluster.generator_actors import GeneratorPool  # imports Ray: only here, after require_ray
 
         self.ray, self.config = cluster.ray, config
-        self.admission = Admission(config.max_staleness or 0)
+        self.admission = Admission(config.eta)
         self.buffer: RolloutBuffer[_Step] = RolloutBuffer(self.admission, start + 1)
         self.partial: dict[int, dict[int, Any]] = {}  # step -> shard -> ShardResult
         self.next_send = start + 1
         gpus = _gpus(config, cluster)
         kind = choose_route(config, gpus)
-        self.pool = GeneratorPool(cluster, config, role_threads(config), gpus, threaded=kind == "broadcast")
+        self.pool = GeneratorPool(cluster, config, config.role_threads, gpus, threaded=kind == "broadcast")
         self.version = learner.version
         try:
             self.route = make_route(kind, self.ray, self.pool, learner, gpus)
@@ -295,7 +239,15 @@ class _RayPipeline:
         admitted = [v for v in self.route.versions() if self.admission.admits(step, v)]
         return min(admitted) if admitted else None
 
-    def take(self, step: int, learner: Learner) -> RolloutItem[_Step]:
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    @property
+    def restarts(self) -> int:
+        return self.pool.restarts
+
+    def take(self, step: int, learner: Learner) -> Taken:
         """Return the batch of ``step``, gathering shards (and replacing dead actors) until it is whole."""
         while not self.buffer.has(step):
             for result in self.pool.receive():
@@ -303,7 +255,13 @@ class _RayPipeline:
                 shards[result.shard] = result
                 if len(shards) == self.pool.num:
                     self._complete(result.step)
-        return self.buffer.take(step, learner.version)
+        item = self.buffer.take(step, learner.version)
+        step_shards: _Step = item.payload
+        n = len(step_shards.busy_seconds)
+        # The generators' times: the mean wait and busy time of the actors, the slowest weight receive.
+        wait, busy = sum(step_shards.wait_seconds) / n, sum(step_shards.busy_seconds) / n
+        times = GeneratorSeconds(wait, max(step_shards.receive_seconds), busy)
+        return Taken(step_shards.rollouts, item.version, times, {"ray/num_generators": float(n)})
 
     def _complete(self, step: int) -> None:
         results = [r for _, r in sorted(self.partial.pop(step).items())]

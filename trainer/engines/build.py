@@ -26,13 +26,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from rlvr.trainer.algorithm.losses import LossFn, make_loss_fn
+from rlvr.trainer.algorithm.losses import LossFn, Objective, make_loss_fn
 from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.engines.distributed import init_distributed
 from rlvr.trainer.engines.models import DEFAULT_MODEL_DIR, load_model
 from rlvr.trainer.engines.torch_learner import TorchLearner
 from rlvr.trainer.engines.transformers_generator import TransformersGenerator
@@ -134,8 +137,8 @@ def vllm_settings(device: torch.device, threads: int) -> dict[str, Any]:
     return {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES}
 
 
-def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device, objective: str) -> Learner:
-    """Build the learner of ``config`` for ``model``: the loss chosen once, a reference model if beta > 0."""
+def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device) -> Learner:
+    """Build the learner of ``config`` for ``model``: the objective chosen once, a reference model if beta > 0."""
     ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
     common: dict[str, Any] = dict(
         learning_rate=config.learning_rate,
@@ -147,7 +150,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
         micro_batch_size=config.micro_batch_size,
         temperature=config.temperature,
     )
-    loss_fn = build_loss_fn(config, objective)
+    objective = build_objective(config)
     if config.learner == "deepspeed":
         if not installed("deepspeed"):
             raise EngineUnavailable("--learner deepspeed needs DeepSpeed: `pip install deepspeed`")
@@ -155,19 +158,24 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
 
         return DeepSpeedLearner(
             model,
-            loss_fn,
+            objective,
             **common,
             zero_stage=config.zero_stage,
             offload_optimizer=config.offload_optimizer,
             ds_config=config.deepspeed_config,
         )
-    return TorchLearner(model, loss_fn, **common)
+    return TorchLearner(model, objective, **common)
 
 
-def build_loss_fn(config: TrainConfig, objective: str, on_policy: bool = False) -> LossFn:
-    """Bind ``config``'s loss knobs to ``objective`` (``on_policy``: see ``algorithm/losses.py``)."""
+def build_objective(config: TrainConfig) -> Objective:
+    """Return the run's objective (``config.objective_name``): its loss for stale and for on-policy batches."""
+    return Objective(stale=build_loss_fn(config), on_policy=build_loss_fn(config, on_policy=True))
+
+
+def build_loss_fn(config: TrainConfig, on_policy: bool = False) -> LossFn:
+    """Bind ``config``'s loss knobs to its objective (``on_policy``: see ``algorithm/losses.py``)."""
     return make_loss_fn(
-        objective=objective,
+        objective=config.objective_name,
         epsilon_low=config.epsilon_low,
         epsilon_high=config.epsilon_high,
         beta=config.beta,
@@ -178,3 +186,48 @@ def build_loss_fn(config: TrainConfig, objective: str, on_policy: bool = False) 
         is_mode=config.is_mode,
         on_policy=on_policy,
     )
+
+
+# --- what every process of a run does first, and the facts it reads off the model
+
+
+def setup_process(config: TrainConfig, threads: int) -> None:
+    """Seed Python, NumPy and torch with the run's seed and set torch's threads (0: torch's default).
+
+    Every process of a run calls it first (the synchronous loop, the pipeline's two processes,
+    each Ray actor), so each draws what it would draw in any other placement.
+    """
+    seed_everything(config.seed)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def learner_ranks(config: TrainConfig, device: torch.device) -> tuple[int, int]:
+    """Return (rank, world size) of this learner process, joining the launcher's process group.
+
+    Only the DeepSpeed learner averages gradients over ranks; a torch learner started by a
+    launcher with several processes would train each rank alone, so that is an error.
+    """
+    if config.learner == "deepspeed":
+        return init_distributed(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise EngineError(f"{world} processes were launched, but only --learner deepspeed learns data-parallel")
+    return 0, 1
+
+
+def max_context(model_config: Any) -> int:
+    """Return the context limit episodes stop growing at (multi-turn contexts grow), from a model's config."""
+    return int(getattr(model_config, "max_position_embeddings", 2048))

@@ -71,7 +71,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlvr.trainer.algorithm.losses import LossFn
+from rlvr.trainer.algorithm.losses import LossFn, Objective
 from rlvr.trainer.engines import distributed
 from rlvr.trainer.engines.torch_learner import MicroBatchLearner, warmup_schedule
 
@@ -86,7 +86,7 @@ class DeepSpeedLearner(MicroBatchLearner):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss_fn: LossFn,
+        loss: LossFn | Objective,
         *,
         learning_rate: float,
         ref_model: torch.nn.Module | None = None,
@@ -109,7 +109,7 @@ class DeepSpeedLearner(MicroBatchLearner):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
         import deepspeed
 
-        self._setup_common(loss_fn, ref_model, num_iterations, micro_batch_size, temperature, version)
+        self._setup_common(loss, ref_model, num_iterations, micro_batch_size, temperature, version)
         _ensure_process_group(device)
         self.world = distributed.world_size()
         self.zero_stage = zero_stage

@@ -25,8 +25,10 @@ The step algorithm lives once in ``MicroBatchLearner``; ``TorchLearner`` and the
 DeepSpeed learner (``engines/deepspeed_learner.py``) differ only in five small hooks (how a
 micro-batch's loss is backpropagated, how the accumulated gradient is clipped and
 applied, where the learning rate is read, how metric sums are combined over ranks), so
-both report the same metrics with the same meaning. ``step(batch, loss_fn)`` may
-override the loss chosen at construction for one batch.
+both report the same metrics with the same meaning. The loss is chosen at construction
+(an ``Objective``: a loss for on-policy batches and one for stale ones), and
+``step(batch, on_policy=...)`` says which kind each batch is, on every implementation of
+the ``Learner`` protocol (the Ray rank group's too).
 
 ``version`` counts completed ``step`` calls; the loop hands it to the generator with the
 new weights, and rollouts record which version sampled them.
@@ -43,7 +45,7 @@ from transformers import AutoModelForCausalLM
 
 from rlvr.trainer.algorithm.batch import TrainBatch
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
-from rlvr.trainer.algorithm.losses import LossFn, LossInputs, LossOutputs
+from rlvr.trainer.algorithm.losses import LossFn, LossInputs, LossOutputs, Objective
 
 _STATE_FILE = "learner_state.pt"
 
@@ -76,7 +78,7 @@ class MicroBatchLearner:
 
     model: torch.nn.Module
     ref_model: torch.nn.Module | None
-    loss_fn: LossFn
+    objective: Objective
     num_iterations: int
     micro_batch_size: int
     temperature: float
@@ -85,7 +87,7 @@ class MicroBatchLearner:
 
     def _setup_common(
         self,
-        loss_fn: LossFn,
+        loss: LossFn | Objective,
         ref_model: torch.nn.Module | None,
         num_iterations: int,
         micro_batch_size: int,
@@ -93,19 +95,19 @@ class MicroBatchLearner:
         version: int,
     ) -> None:
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
-        self.loss_fn = loss_fn
+        self.objective = Objective.of(loss)
         self.num_iterations = num_iterations
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
         self.version = version
 
-    def step(self, batch: TrainBatch, loss_fn: LossFn | None = None) -> dict[str, float]:
+    def step(self, batch: TrainBatch, on_policy: bool = False) -> dict[str, float]:
         """Learn from one generation batch (``num_iterations`` optimizer steps); return metrics.
 
-        ``loss_fn`` overrides the loss chosen at construction for this batch only (the
-        asynchronous trainer picks one of two losses built at setup per batch).
+        ``on_policy``: the batch was sampled by these very weights (the loss takes the
+        objective's ``on_policy`` function: GRPO's numbers bit for bit, see ``losses.py``).
         """
-        loss_fn = self.loss_fn if loss_fn is None else loss_fn
+        loss_fn = self.objective.on_policy if on_policy else self.objective.stale
         self.model.eval()
         batch = batch.to(self.device)
         if batch.num_tokens == 0:  # everything masked (e.g. all truncated): nothing to learn
@@ -205,7 +207,7 @@ class TorchLearner(MicroBatchLearner):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss_fn: LossFn,
+        loss: LossFn | Objective,
         *,
         learning_rate: float,
         ref_model: torch.nn.Module | None = None,
@@ -217,7 +219,7 @@ class TorchLearner(MicroBatchLearner):
         temperature: float = 1.0,
         version: int = 0,
     ):
-        self._setup_common(loss_fn, ref_model, num_iterations, micro_batch_size, temperature, version)
+        self._setup_common(loss, ref_model, num_iterations, micro_batch_size, temperature, version)
         self.model = model
         self.max_grad_norm = max_grad_norm
         self.device = next(model.parameters()).device

@@ -40,7 +40,6 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import queue
 import signal
@@ -51,23 +50,12 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import AutoConfig
-
-from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, RolloutBatch, collect_rollouts
+from rlvr.trainer.algorithm.rollout import RolloutBatch
 from rlvr.trainer.algorithm.staleness import Admission
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import build_generator, choose_generator, model_source
-from rlvr.trainer.engines.models import load_tokenizer
-from rlvr.trainer.sync_loop import (
-    build_envs,
-    max_context,
-    resolve_device,
-    sampling_params,
-    seed_everything,
-    step_seed,
-    task_schedule,
-)
+from rlvr.trainer.engines.build import resolve_device, setup_process
+from rlvr.trainer.protocols import GeneratorError
+from rlvr.trainer.step import Player
 from rlvr.trainer.weights.shared_memory import WeightTransport
 
 _POLL = 0.1  # seconds between liveness checks while waiting
@@ -112,20 +100,6 @@ class GeneratorFailure:
     traceback: str
 
 
-class GeneratorError(RuntimeError):
-    """The generator process failed: raised an error, or died."""
-
-    def __init__(self, message: str, *, exitcode: int | None = None, remote_traceback: str = ""):
-        super().__init__(message)
-        self.exitcode = exitcode
-        self.remote_traceback = remote_traceback
-
-    @property
-    def reported(self) -> bool:
-        """Whether the child reported an exception (as opposed to dying silently)."""
-        return bool(self.remote_traceback)
-
-
 # --- child side ------------------------------------------------------------------------------
 
 
@@ -152,28 +126,15 @@ def run_generator(spec: GeneratorSpec, transport: WeightTransport, outbox: Any, 
 
 
 class _Worker:
-    """The child's state: model, environments, task schedule."""
+    """The child's state: the step core's ``Player`` (model, environments, task schedule) and the admission rule."""
 
     def __init__(self, spec: GeneratorSpec, transport: WeightTransport):
         config = spec.config
-        seed_everything(config.seed)
-        if spec.threads > 0:
-            torch.set_num_threads(spec.threads)
-        self.config, self.transport = config, transport
-        self.admission = Admission(config.max_staleness or 0)
-        self.envs = build_envs(config)
-        self.schedule = task_schedule(config, self.envs[0])
-        device = resolve_device(config.device)
+        setup_process(config, spec.threads)
+        self.transport = transport
+        self.admission = Admission(config.eta)
         # The generator config.generator names (vLLM in-process here), on its own copy of the weights.
-        self.tokenizer = load_tokenizer(config.model)
-        choice = choose_generator(config.generator, device)
-        self.generator = build_generator(
-            choice, config.model, self.tokenizer, device, seed=config.seed, threads=spec.threads
-        )
-        self.generator.version = -1  # nothing received yet: the loaded weights are not used
-        self.renderer = EnvMessageRenderer(self.tokenizer, set(self.generator.eos_ids))
-        self.sampling = sampling_params(config)
-        self.max_context = max_context(AutoConfig.from_pretrained(model_source(config.model)))
+        self.player = Player.build(config, resolve_device(config.device), threads=spec.threads)
 
     def produce(self, step: int, should_stop: Any) -> RolloutMessage | None:
         """Wait for admissible weights, move to the oldest admissible, play step ``step``; None if told to stop."""
@@ -183,18 +144,14 @@ class _Worker:
             if should_stop():
                 return None
         t1 = time.perf_counter()
-        if self.generator.version < need:  # invariant 2: the fixed lag, version `need` itself when published
-            self.transport.receive(self.generator, oldest=need)
+        generator = self.player.generator
+        if generator.version < need:  # invariant 2: the fixed lag, version `need` itself when published
+            self.transport.receive(generator, oldest=need)
         t2 = time.perf_counter()
-        config, group = self.config, self.config.group_size
-        tasks = [self.schedule(step, p) for p in range(config.prompts_per_step)]
-        params = dataclasses.replace(self.sampling, seed=step_seed(config.seed, step))
-        rollouts = collect_rollouts(
-            self.envs, self.generator, self.tokenizer, self.renderer, tasks, group, params, self.max_context
-        )
+        rollouts = self.player.play(step)
         return RolloutMessage(
             step=step,
-            version=self.generator.version,
+            version=generator.version,
             rollouts=rollouts,
             wait_seconds=t1 - t0,
             receive_seconds=t2 - t1,

@@ -71,33 +71,27 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from rlvr.envs.registry import make_env
-from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
-from rlvr.trainer.algorithm.batch import pack_episodes
-from rlvr.trainer.algorithm.losses import LossFn
-from rlvr.trainer.algorithm.rollout import RolloutBatch
-from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem, staleness_metrics
-from rlvr.trainer.bookkeeping.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
-from rlvr.trainer.bookkeeping.evaluation import TrainingEval, training_eval
-from rlvr.trainer.bookkeeping.interrupt import GracefulStop
-from rlvr.trainer.bookkeeping.metrics import RunLog, Stopwatch
-from rlvr.trainer.config import TrainConfig, write_config
-from rlvr.trainer.engines.build import EngineError, build_learner, build_loss_fn, choose_generator
+from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem
+from rlvr.trainer.bookkeeping.evaluation import LearnerEval
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.engines.build import (
+    EngineError,
+    build_learner,
+    choose_generator,
+    learner_ranks,
+    resolve_device,
+    setup_process,
+)
 from rlvr.trainer.engines.models import load_model
-from rlvr.trainer.engines.transformers_generator import TransformersGenerator
-from rlvr.trainer.pipeline.generator_process import GeneratorError, GeneratorProcess, GeneratorSpec, RolloutMessage
-from rlvr.trainer.protocols import Learner
-from rlvr.trainer.sync_loop import TrainResult, learner_ranks, max_context, resolve_device, seed_everything, step_record
+from rlvr.trainer.pipeline.generator_process import GeneratorProcess, GeneratorSpec, RolloutMessage
+from rlvr.trainer.protocols import GeneratorError, Learner
+from rlvr.trainer.run import RunShell, TrainResult, resume_point
+from rlvr.trainer.step import GeneratorSeconds, Learning, Taken, pipeline_step
 from rlvr.trainer.weights.shared_memory import SharedMemoryTransport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -107,103 +101,29 @@ def train_async(config: TrainConfig) -> TrainResult:
     """Run GRPO with generation overlapped with learning, as ``config`` says (``max_staleness`` set)."""
     if config.max_staleness is None:
         raise ValueError("train_async needs config.max_staleness (0 for the synchronous schedule)")
-    resume_from = resolve_resume(config.resume, config.output_dir) if config.resume else None
-    learner, tokenizer = _setup_learner(config)
-    write_config(config)  # one learner rank (checked in _setup_learner)
-    losses = _losses(config)
-    start, lagged = 0, {}
-    if resume_from is not None:
-        start, lagged = load_checkpoint(resume_from, learner).step, load_lagged_weights(resume_from)
-    bar = tqdm(total=config.max_steps, initial=start, desc="grpo-async", disable=not config.progress, file=sys.stderr)
-    writer = RunLog(
-        config.output_dir, start if resume_from is not None else None, config.samples_every, tokenizer, config=config
-    )
+    resume_from = resume_point(config)
+    learner, tokenizer = _setup_learner(config)  # one learner rank (checked there)
+    shell = RunShell(config, learner, tokenizer, resume_from, desc="grpo-async", lagged=True)
     pipeline: _Pipeline | None = None
     try:
-        pipeline = _Pipeline(config, learner, start, lagged)
+        pipeline = _Pipeline(config, learner, shell.start, shell.lagged)
         held = pipeline
-
-        def step_fn(step: int) -> tuple[dict[str, Any], RolloutBatch]:
-            return _train_step(config, step, held, learner, losses, tokenizer.pad_token_id)
-
-        record, checkpoint = run_steps(
-            config, learner, tokenizer, start, writer, bar, step_fn, lambda: held.lagged(learner.version)
+        learning = Learning(config, learner, tokenizer.pad_token_id, lambda: held.publish(learner))
+        evaluate = LearnerEval.build(config, learner, tokenizer)
+        record, checkpoint = shell.run(
+            lambda step: pipeline_step(step, held, learning),
+            evaluate=(lambda: evaluate(learner)) if evaluate is not None else None,  # the learner waits meanwhile
+            lagged=lambda: held.lagged(learner.version),
         )
     finally:
         if pipeline is not None:
             pipeline.close()  # invariant 3: on every path
-        writer.close()
-        bar.close()
-    if checkpoint is None:  # nothing left to run (resumed at max_steps): the last one stands
-        checkpoint = resolve_resume("latest", config.output_dir)
-    metrics_path = Path(config.output_dir) / "metrics.jsonl"
-    return TrainResult(
-        steps=max(start, config.max_steps), metrics_path=metrics_path, checkpoint=checkpoint, last_metrics=record
-    )
-
-
-def run_steps(
-    config: TrainConfig,
-    learner: Learner,
-    tokenizer: Any,
-    start: int,
-    writer: RunLog,
-    bar: Any,
-    step_fn: Callable[[int], tuple[dict[str, Any], RolloutBatch]],
-    lagged: Callable[[], dict[int, Any]],
-) -> tuple[dict[str, Any], Path | None]:
-    """Run steps ``start + 1 .. max_steps`` of a pipeline (this one, or Ray's); return the last record and checkpoint.
-
-    Each step: ``step_fn`` learns it, ``--eval-every`` evaluates in this process, the record
-    and samples are logged, and checkpoints carry ``lagged()`` (the older weight versions the
-    next batches sample with). On a ``GeneratorError`` the last completed step is
-    checkpointed (invariant 4) before the error goes on up; on a first Ctrl-C or SIGTERM the
-    step in progress ends and is checkpointed, then ``StopSignal`` goes up (``bookkeeping/interrupt.py``).
-    """
-    evaluate = LearnerEval.build(config, learner, tokenizer)
-    record: dict[str, Any] = {}
-    checkpoint, done = None, start
-
-    def save(step: int) -> Path:
-        return save_checkpoint(config.output_dir, step, learner, tokenizer, config, lagged=lagged())
-
-    try:
-        with GracefulStop() as stop:  # Ctrl-C / SIGTERM: the step in progress ends and is saved
-            for step in range(start + 1, config.max_steps + 1):
-                record, rollouts = step_fn(step)
-                done = step
-                if evaluate is not None and step % config.eval_every == 0:
-                    record |= evaluate(learner)  # eval/pass@1, ...: the learner waits, the generator runs on
-                writer.write(record, rollouts)
-                bar.update(1)
-                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.1f}")
-                checkpoint = stop.end_of_step(step, config.max_steps, config.checkpoint_every, save) or checkpoint
-    except GeneratorError:
-        if done > start and (checkpoint is None or not checkpoint.name.endswith(f"{done:06d}")):
-            path = save(done)
-            logger.error("generator failed; saved the last completed step (%d) to %s", done, path)
-        raise
-    return record, checkpoint
-
-
-def role_threads(config: TrainConfig) -> int:
-    """Return torch threads per process: ``torch_threads`` split between the two roles (0: torch's default)."""
-    return max(1, config.torch_threads // 2) if config.torch_threads > 0 else 0
-
-
-@dataclass(frozen=True)
-class _Losses:
-    """The objective for stale batches, and for batches sampled by the learner's own weights."""
-
-    stale: LossFn
-    on_policy: LossFn
-    """mu is pi_prox: GRPO's loss bit for bit, whatever the objective (``algorithm/losses.py``)."""
+        shell.close()
+    return shell.result(record, checkpoint)
 
 
 def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
-    seed_everything(config.seed)
-    if role_threads(config) > 0:
-        torch.set_num_threads(role_threads(config))
+    setup_process(config, config.role_threads)
     make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
     device = resolve_device(config.device)
     _, world = learner_ranks(config, device)
@@ -215,120 +135,7 @@ def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
     logger.info("generator: %s (%s), in the generator process; learner: %s", choice.kind, choice.reason, config.learner)
     model, tokenizer = load_model(config.model)
     model.to(device)
-    learner = build_learner(config, model, device, objective=config.objective or "decoupled")
-    return learner, tokenizer
-
-
-@dataclass
-class LearnerEval:
-    """``--eval-every`` in the learner process: greedy pass@1 of the learner's current weights.
-
-    The learner evaluates, not the generator process: there the weights run ``eta`` steps
-    behind and the schedule of batches is fixed. It samples with rlvr's transformers loop
-    on the learner's own model (torch learner: no copy) or on a copy that receives the
-    learner's weights before each evaluation (DeepSpeed: the module may be partitioned).
-    Greedy decoding draws no random numbers, so training is unchanged by evaluating.
-    """
-
-    evaluate: TrainingEval
-    generator: TransformersGenerator
-    tokenizer: Any
-    max_context: int
-    copy: bool
-
-    @classmethod
-    def build(cls, config: TrainConfig, learner: Learner, tokenizer: Any) -> LearnerEval | None:
-        evaluate = training_eval(config)
-        if evaluate is None:
-            return None
-        own = getattr(learner, "model", None) if config.learner == "torch" else None
-        model = own if own is not None else load_model(config.model)[0]
-        device = next(learner.model.parameters()).device if own is not None else resolve_device(config.device)
-        generator = TransformersGenerator(model.to(device), tokenizer, device=device, seed=config.seed)
-        return cls(evaluate, generator, tokenizer, max_context(model.config), copy=own is None)
-
-    def __call__(self, learner: Learner) -> dict[str, float]:
-        if self.copy:
-            self.generator.update_weights(learner.weights_for_generation(), learner.version)
-        return self.evaluate(self.generator, self.tokenizer, self.max_context)
-
-
-def _losses(config: TrainConfig) -> _Losses:
-    return _Losses(
-        stale=build_loss_fn(config, config.objective or "decoupled"),
-        on_policy=build_loss_fn(config, config.objective or "decoupled", on_policy=True),
-    )
-
-
-def _train_step(
-    config: TrainConfig, step: int, pipeline: _Pipeline, learner: Learner, losses: _Losses, pad_id: int
-) -> tuple[dict[str, Any], RolloutBatch]:
-    """Take batch ``step``, learn from it, publish the new weights; return the step's metrics and its rollouts."""
-    watch, t0 = Stopwatch(), time.perf_counter()
-    with watch.time("wait"):
-        item = pipeline.take(step, learner)
-    message: RolloutMessage = item.payload
-    rollouts = message.rollouts
-    advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], SCALES[config.scale])
-    batch = pack_episodes(rollouts.episodes, [a for g in advantages for a in g], pad_id, config.mask_truncated)
-    staleness = [learner.version - v for e in rollouts.episodes for v in e.versions]
-    # Chosen per batch among the two built at setup: a fresh batch learns with GRPO's exact numbers.
-    with watch.time("learning"):
-        learned = learner.step(batch, loss_fn=losses.on_policy if max(staleness) == 0 else losses.stale)
-    with watch.time("publish"):
-        pipeline.publish(learner)
-    step_seconds = time.perf_counter() - t0
-    record = step_record(step, rollouts, learned, watch.seconds["learning"], step_seconds)
-    record |= staleness_metrics(staleness, config.max_staleness or 0)
-    record |= pipeline_metrics(
-        version=item.version,
-        learner=watch.seconds,
-        step_seconds=step_seconds,
-        generator=GeneratorSeconds(message.wait_seconds, message.receive_seconds, message.busy_seconds),
-        buffered=len(pipeline.buffer),
-        restarts=pipeline.restarts,
-    )
-    return record, rollouts
-
-
-@dataclass(frozen=True)
-class GeneratorSeconds:
-    """Where the generator side's time for one batch went (several generators: a summary of theirs)."""
-
-    wait: float
-    """Waiting for admissible weights: generator idle."""
-    receive: float
-    """Copying new weights into the engine."""
-    busy: float
-    """Playing the batch: sampling and environments."""
-
-
-def pipeline_metrics(
-    *,
-    version: int,
-    learner: dict[str, float],
-    step_seconds: float,
-    generator: GeneratorSeconds,
-    buffered: int,
-    restarts: int,
-) -> dict[str, float]:
-    """Return the pipeline's own keys of a step's metrics record; one place for both pipelines (here, Ray).
-
-    ``learner`` holds the learner's ``wait`` (for the batch) and ``publish`` seconds of the step.
-    """
-    generator_seconds = generator.wait + generator.receive + generator.busy
-    return {
-        "policy_version": float(version),
-        "time/wait_rollouts": learner["wait"],
-        "time/weight_publish": learner["publish"],
-        "time/weight_receive": generator.receive,
-        "time/generator_wait": generator.wait,
-        "time/generator_busy": generator.busy,
-        "async/learner_idle_fraction": learner["wait"] / max(step_seconds, 1e-9),
-        "async/generator_idle_fraction": generator.wait / max(generator_seconds, 1e-9),
-        "async/buffered_batches": float(buffered),
-        "async/generator_restarts": float(restarts),
-    }
+    return build_learner(config, model, device), tokenizer
 
 
 class _Pipeline:
@@ -343,7 +150,7 @@ class _Pipeline:
 
     def __init__(self, config: TrainConfig, learner: Learner, start: int, lagged: dict[int, Any]):
         self.config = config
-        self.eta = config.max_staleness or 0
+        self.eta = config.eta
         self.ctx = torch.multiprocessing.get_context("spawn")
         self.buffer: RolloutBuffer[RolloutMessage] = RolloutBuffer(Admission(self.eta), start + 1)
         self.restarts = 0
@@ -371,13 +178,17 @@ class _Pipeline:
             self.transport.publish(lagged[version], version)
         self.transport.publish(weights, learner.version)
         spec = GeneratorSpec(
-            config=self.config, start_step=after_step, threads=role_threads(self.config), parent_pid=os.getpid()
+            config=self.config, start_step=after_step, threads=self.config.role_threads, parent_pid=os.getpid()
         )
         self.process = GeneratorProcess(self.ctx, spec, self.transport)
         # Its death while holding the transport's lock then ends a publish at once (see publish).
         self.transport.watch(lambda: self.process is not None and self.process.alive())
 
-    def take(self, step: int, learner: Learner) -> RolloutItem[RolloutMessage]:
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    def take(self, step: int, learner: Learner) -> Taken:
         """Return batch ``step``, receiving batches (and restarting a dead generator) until it is here."""
         assert self.process is not None
         while not self.buffer.has(step):
@@ -395,7 +206,9 @@ class _Pipeline:
                 self._start(learner, after_step=self.buffer.last_put_step, lagged=self.lagged(learner.version))
                 continue
             self.buffer.put(RolloutItem(message.step, message.version, message))
-        return self.buffer.take(step, learner.version)
+        message = self.buffer.take(step, learner.version).payload
+        seconds = GeneratorSeconds(message.wait_seconds, message.receive_seconds, message.busy_seconds)
+        return Taken(message.rollouts, message.version, seconds)
 
     def publish(self, learner: Learner) -> None:
         try:
