@@ -4,7 +4,7 @@ Step for step, every key but wall-clock timings: data order, sampling seeds, opt
 RNG state and step counter all come back from the checkpoint. The asynchronous pipeline
 is checked at ``--max-staleness 0`` and ``1``. At 1 the uninterrupted run samples step 3
 with the weights of version 1 while its learner is already at version 2 (the fixed lag of
-``generator_worker`` invariant 2), so the checkpoint of step 2 must carry version 1 too
+``generator_process`` invariant 2), so the checkpoint of step 2 must carry version 1 too
 (``lagged_weights/``) for the resumed run to sample the same completions.
 """
 

@@ -24,13 +24,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
+from rlvr.envs.registry import make_env
 from rlvr.trainer.algorithm.rollout import RolloutBatch
 from rlvr.trainer.bookkeeping.checkpoint import load_checkpoint, load_lagged_weights, resolve_resume, save_checkpoint
 from rlvr.trainer.bookkeeping.interrupt import GracefulStop
 from rlvr.trainer.bookkeeping.metrics import RunLog
 from rlvr.trainer.config import TrainConfig, write_config
+from rlvr.trainer.engines.build import (
+    EngineError,
+    build_learner,
+    choose_generator,
+    learner_ranks,
+    resolve_device,
+    setup_process,
+)
+from rlvr.trainer.engines.models import load_model
 from rlvr.trainer.protocols import GeneratorError, Learner
 
 logger = logging.getLogger(__name__)
@@ -56,6 +67,34 @@ class TrainResult:
 def resume_point(config: TrainConfig) -> Path | None:
     """Return the checkpoint ``--resume`` names (None without it); raise before any model loads if there is none."""
     return resolve_resume(config.resume, config.output_dir) if config.resume else None
+
+
+def setup_driver(config: TrainConfig, generators: str) -> torch.device:
+    """Set up a pipeline's learner process (seed, threads) and check the run before any model loads.
+
+    A bad ``--env`` or a generator that cannot be had fails here, in seconds. ``generators``
+    says where the generators run, for the log line naming the generator chosen.
+    """
+    setup_process(config, config.role_threads)
+    make_env(config.env, **config.env_kwargs).close()
+    device = resolve_device(config.device)
+    choice = choose_generator(config.generator, device)  # checked here; built where the generators run
+    logger.info("generator: %s (%s), %s; learner: %s", choice.kind, choice.reason, generators, config.learner)
+    return device
+
+
+def local_learner(config: TrainConfig, device: torch.device, refusal: str) -> tuple[Learner, Any]:
+    """Load the model and build the learner in this process (one rank); return it and the tokenizer.
+
+    A launcher with several processes is refused with ``refusal`` (formatted with ``world``):
+    the pipelines place their learner ranks themselves, or run one.
+    """
+    _, world = learner_ranks(config, device)
+    if world > 1:
+        raise EngineError(refusal.format(world=world))
+    model, tokenizer = load_model(config.model)
+    model.to(device)
+    return build_learner(config, model, device), tokenizer
 
 
 class RunShell:

@@ -16,7 +16,7 @@ the object store), and returns finished shards as they arrive.
 Invariants:
 
 1. **Fixed shards, fixed versions.** Shard ``k`` of step ``s`` is sampled by generator
-   ``k`` with the weight version the driver names (``ray_trainer`` picks it from the step
+   ``k`` with the weight version the driver names (``cluster/loop.py`` picks it from the step
    alone), so what a step contains does not depend on timing, on how many shards were
    finished first, or on whether an actor was replaced.
 2. **In order per actor.** An actor runs its calls one at a time in the order sent (a

@@ -187,7 +187,7 @@ class RayLearnerGroup:
         return self.ray.get(self.weights_ref())
 
     def weights_end(self, cuda: bool) -> _GroupEnd:
-        """Rank 0's end of the broadcast route, driven from here (``ray_weights.BroadcastRoute``)."""
+        """Rank 0's end of the broadcast route, driven from here (``cluster/weight_routes.BroadcastRoute``)."""
         return _GroupEnd(self, cuda)
 
     def save(self, path: str) -> None:

@@ -15,14 +15,14 @@ Ray actors (``cluster/generator_actors.py``) and the shared-memory transport by 
     advantages over the whole batch, pack, learn step s
 
 Which weights sample which step is fixed: step ``s`` is sampled by version
-``max(0, s - 1 - eta)`` (the oldest admissible, ``rollout_queue.Admission``), by every
+``max(0, s - 1 - eta)`` (the oldest admissible, ``algorithm/staleness.Admission``), by every
 shard alike, so the batches do not depend on how fast each actor is, and with
 ``max_staleness = 0`` and one generator the run is the synchronous loop (same tasks, same
 seeds, same weights: ``tests/test_ray_trainer.py`` compares the metrics). A checkpoint
 carries the ``eta`` older versions the next batches sample with (``bookkeeping/checkpoint.py``), so a
 resumed run samples what the uninterrupted one would have. The groups of a step are split
 in fixed contiguous shards, one per actor, each with its own sampling seed
-(``ray_actors.shard_seed``); a batch is learned only when every shard is in, and the
+(``step.shard_seed``); a batch is learned only when every shard is in, and the
 advantages are computed over the whole batch as in the synchronous loop (group-relative,
 so a shard boundary changes nothing).
 
@@ -65,25 +65,16 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rlvr.envs.registry import make_env
 from rlvr.trainer.algorithm.rollout import RolloutBatch
 from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem
 from rlvr.trainer.bookkeeping.evaluation import LearnerEval
 from rlvr.trainer.cluster.ray_runtime import RayCluster, require_ray
 from rlvr.trainer.cluster.weight_routes import choose_route, make_route
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import (
-    EngineError,
-    build_learner,
-    choose_generator,
-    learner_ranks,
-    model_source,
-    resolve_device,
-    setup_process,
-)
-from rlvr.trainer.engines.models import load_model, load_tokenizer
+from rlvr.trainer.engines.build import model_source, resolve_device
+from rlvr.trainer.engines.models import load_tokenizer
 from rlvr.trainer.protocols import Learner
-from rlvr.trainer.run import RunShell, TrainResult, resume_point
+from rlvr.trainer.run import RunShell, TrainResult, local_learner, resume_point, setup_driver
 from rlvr.trainer.step import GeneratorSeconds, Learning, Taken, pipeline_step
 
 logger = logging.getLogger(__name__)
@@ -144,22 +135,15 @@ class _Session:
 
 def _setup_driver(config: TrainConfig) -> tuple[Any, Learner | None]:
     """Check the run, load the tokenizer; build the learner here unless it is a group of rank actors."""
-    setup_process(config, config.role_threads)
-    make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
-    device = resolve_device(config.device)
-    choice = choose_generator(config.generator, device)  # checked here; built in every actor
-    logger.info("generator: %s (%s), in %d Ray actor(s)", choice.kind, choice.reason, config.num_generators)
+    device = setup_driver(config, f"in {config.num_generators} Ray actor(s)")
     if config.learner_ranks > 1:
         logger.info("learner: %s, %d Ray actor ranks", config.learner, config.learner_ranks)
         return load_tokenizer(config.model), None
-    _, world = learner_ranks(config, device)
-    if world > 1:
-        raise EngineError(
-            f"--cluster ray places its learner ranks itself (--learner-ranks), not under a launcher ({world} processes)"
-        )
-    model, tokenizer = load_model(config.model)
-    model.to(device)
-    return tokenizer, build_learner(config, model, device)
+    refusal = (
+        "--cluster ray places its learner ranks itself (--learner-ranks), not under a launcher ({world} processes)"
+    )
+    learner, tokenizer = local_learner(config, device, refusal)
+    return tokenizer, learner
 
 
 def _cpus(config: TrainConfig) -> int:

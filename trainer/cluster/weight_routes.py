@@ -1,6 +1,6 @@
 """How each weight version reaches the generator actors on a Ray cluster (``--weight-sync``).
 
-Two routes behind one interface for ``ray_trainer._RayPipeline``:
+Two routes behind one interface for ``cluster/loop._RayPipeline``:
 
 * :class:`ObjectStoreRoute`: one ``ray.put`` per version (a rank group puts rank 0's
   copy from rank 0 itself); ``play`` gets the reference and an actor fetches a version the

@@ -52,8 +52,8 @@ up better there. Staleness is a learning-rate budget: keep the per-step change s
 Invariants of the concurrent code (each module states its own in detail):
 
 1. The learner is the only writer of weights and the only reader of batches; the
-   generator is the only producer of batches (``rollout_queue``, ``weight_transport``).
-2. Every wait is bounded and checks the other side (``generator_worker`` invariant 3): a
+   generator is the only producer of batches (``algorithm/staleness.py``, ``weights/shared_memory.py``).
+2. Every wait is bounded and checks the other side (``generator_process`` invariant 3): a
    dead or failed generator becomes a ``GeneratorError`` naming its exit code or its
    traceback, never a hang.
 3. Whatever ends ``train_async`` (the last step, an exception, Ctrl-C), the generator
@@ -75,22 +75,12 @@ from typing import Any
 
 import torch
 
-from rlvr.envs.registry import make_env
 from rlvr.trainer.algorithm.staleness import Admission, RolloutBuffer, RolloutItem
 from rlvr.trainer.bookkeeping.evaluation import LearnerEval
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import (
-    EngineError,
-    build_learner,
-    choose_generator,
-    learner_ranks,
-    resolve_device,
-    setup_process,
-)
-from rlvr.trainer.engines.models import load_model
 from rlvr.trainer.pipeline.generator_process import GeneratorProcess, GeneratorSpec, RolloutMessage
 from rlvr.trainer.protocols import GeneratorError, Learner
-from rlvr.trainer.run import RunShell, TrainResult, resume_point
+from rlvr.trainer.run import RunShell, TrainResult, local_learner, resume_point, setup_driver
 from rlvr.trainer.step import GeneratorSeconds, Learning, Taken, pipeline_step
 from rlvr.trainer.weights.shared_memory import SharedMemoryTransport, TransportError
 
@@ -102,7 +92,9 @@ def train_async(config: TrainConfig) -> TrainResult:
     if config.max_staleness is None:
         raise ValueError("train_async needs config.max_staleness (0 for the synchronous schedule)")
     resume_from = resume_point(config)
-    learner, tokenizer = _setup_learner(config)  # one learner rank (checked there)
+    device = setup_driver(config, "in the generator process")
+    refusal = "the asynchronous pipeline runs one learner rank, not {world}: drop the launcher or --max-staleness"
+    learner, tokenizer = local_learner(config, device, refusal)
     shell = RunShell(config, learner, tokenizer, resume_from, desc="grpo-async", lagged=True)
     pipeline: _Pipeline | None = None
     try:
@@ -122,27 +114,11 @@ def train_async(config: TrainConfig) -> TrainResult:
     return shell.result(record, checkpoint)
 
 
-def _setup_learner(config: TrainConfig) -> tuple[Learner, Any]:
-    setup_process(config, config.role_threads)
-    make_env(config.env, **config.env_kwargs).close()  # a bad --env fails before a model loads
-    device = resolve_device(config.device)
-    _, world = learner_ranks(config, device)
-    if world > 1:
-        raise EngineError(
-            f"the asynchronous pipeline runs one learner rank, not {world}: drop the launcher or --max-staleness"
-        )
-    choice = choose_generator(config.generator, device)  # checked here; built in the generator process
-    logger.info("generator: %s (%s), in the generator process; learner: %s", choice.kind, choice.reason, config.learner)
-    model, tokenizer = load_model(config.model)
-    model.to(device)
-    return build_learner(config, model, device), tokenizer
-
-
 class _Pipeline:
     """The learner's handle on the generator side: transport, process, buffer, restarts.
 
     The transport holds the last ``eta + 1`` weight versions: the generator samples step
-    ``s`` with version ``s - 1 - eta`` (a fixed lag, ``generator_worker`` invariant 2)
+    ``s`` with version ``s - 1 - eta`` (a fixed lag, ``generator_process`` invariant 2)
     while the learner may already be at ``s - 1``. A fresh generator (the first, a
     restarted one, a resumed run's) finds the lagging versions it needs published before
     the current one: from the checkpoint, or from the transport of the generator it replaces.

@@ -23,7 +23,7 @@ members and drives them.
   group's timeout.
 
 NCCL allows one member per GPU: a learner and a generator sharing one GPU cannot use
-this route (the object store route serves them; ``ray_weights.choose_route``).
+this route (the object store route serves them; ``cluster/weight_routes.choose_route``).
 """
 
 from __future__ import annotations
