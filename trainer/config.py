@@ -197,7 +197,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        checks = [
+        for name, ok, rule in self._algorithm_checks() + self._placement_checks():
+            if not ok:
+                raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    def _algorithm_checks(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, rule) for what one step does: sampling, the objective, the optimizer, the run."""
+        return [
             ("group_size", self.group_size >= 2, "must be >= 2: GRPO's baseline is the group mean"),
             ("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),
@@ -228,6 +234,11 @@ class TrainConfig:
             ("is_cap", self.is_cap > 0, "must be > 0"),
             ("is_level", self.is_level in IMPORTANCE_LEVELS, f"must be one of {sorted(IMPORTANCE_LEVELS)}"),
             ("is_mode", self.is_mode in IMPORTANCE_CAPS, f"must be one of {sorted(IMPORTANCE_CAPS)}"),
+        ]
+
+    def _placement_checks(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, rule) for where the step runs: engines, the pipeline, the cluster."""
+        return [
             ("generator_restarts", self.generator_restarts >= 0, "must be >= 0"),
             ("cluster", self.cluster in (None, *CLUSTERS), f"must be one of {list(CLUSTERS)}"),
             ("ray_address", self.ray_address is None or self.cluster == "ray", "needs --cluster ray"),
@@ -276,9 +287,6 @@ class TrainConfig:
                 "must be an existing JSON file",
             ),
         ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
