@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from rlvr.envs.registry import parse_env_kwargs
-from rlvr.trainer.algorithm.advantages import SCALES
+from rlvr.trainer.algorithm.advantages import ESTIMATORS, SCALES
 from rlvr.trainer.algorithm.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
 
 GENERATORS = ("auto", "transformers", "vllm")
@@ -103,7 +103,12 @@ class TrainConfig:
     beta: float = 0.0
     """Weight of the k3 KL penalty to the frozen reference model; 0 loads no reference."""
     scale: str = field(default="group", metadata={"choices": tuple(SCALES)})
-    """Advantage scaling: divide by the 'group' std (GRPO), the 'batch' std, or 'none' (Dr. GRPO)."""
+    """Advantage scaling: divide by the 'group' std (GRPO), the 'batch' std, or 'none' (Dr. GRPO).
+    Applies to --advantage-estimator grpo; the other estimators fix their own."""
+    advantage_estimator: str = field(default="grpo", metadata={"choices": ESTIMATORS})
+    """Baseline and scale of the advantages: 'grpo' (group mean, --scale), 'rloo' (mean of the
+    other episodes of the group, no scale), 'reinforce++-baseline' (group mean, then the batch
+    std of the centred returns); trainer/algorithm/advantages.py gives the formulas."""
     aggregation: str = field(default="token", metadata={"choices": tuple(AGGREGATIONS)})
     """Loss aggregation: 'sequence' mean then mean (GRPO), 'token' mean (DAPO), 'constant'
     normaliser B * max_new_tokens (Dr. GRPO)."""
@@ -215,6 +220,12 @@ class TrainConfig:
             ("epsilon_high", self.epsilon_high >= 0, "must be >= 0"),
             ("beta", self.beta >= 0, "must be >= 0"),
             ("scale", self.scale in SCALES, f"must be one of {sorted(SCALES)}"),
+            ("advantage_estimator", self.advantage_estimator in ESTIMATORS, f"must be one of {list(ESTIMATORS)}"),
+            (
+                "scale",
+                self.scale == "group" or self.advantage_estimator == "grpo",
+                f"applies to --advantage-estimator grpo only ({self.advantage_estimator} fixes its own scale)",
+            ),
             ("aggregation", self.aggregation in AGGREGATIONS, f"must be one of {sorted(AGGREGATIONS)}"),
             ("num_iterations", self.num_iterations >= 1, "must be >= 1"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),

@@ -34,7 +34,7 @@ import torch
 from transformers import AutoConfig
 
 from rlvr.envs.registry import make_env
-from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
+from rlvr.trainer.algorithm.advantages import make_estimator, turn_advantages
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
 from rlvr.trainer.algorithm.staleness import staleness_metrics
@@ -228,7 +228,7 @@ class Learning:
     ):
         self.config, self.learner, self.pad_id, self.publish = config, learner, pad_id, publish
         self.share = share if share is not None else _whole
-        self.scale = SCALES[config.scale]
+        self.estimator = make_estimator(config.advantage_estimator, config.scale)
 
     def __call__(self, step: int, rollouts: RolloutBatch | None, watch: Stopwatch, t0: float) -> dict[str, Any] | None:
         """Learn step ``step`` from ``rollouts`` and publish; return its record (None on a rank without rollouts).
@@ -238,7 +238,7 @@ class Learning:
         config, learner = self.config, self.learner
         batch, staleness = None, [0]
         if rollouts is not None:
-            advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], self.scale)
+            advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], self.estimator)
             batch = pack_episodes(
                 rollouts.episodes, [a for g in advantages for a in g], self.pad_id, config.mask_truncated
             )

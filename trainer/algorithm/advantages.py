@@ -23,11 +23,28 @@ exactly the GRPO advantage above.
 
 Departure from the paper: the standard deviation is the population one
 (``unbiased=False``), so a group of two with rewards {0, 1} gets advantages of +-1.
+
+**Estimators** (``ESTIMATORS``, ``TrainConfig.advantage_estimator``): the same form
+``A_{i,t} = (G_{i,t} - b_i) / s``, with the baseline ``b`` and the divisor ``s`` chosen
+together:
+
+- ``"grpo"``: ``b_i = mean_j R_j`` over the group, ``s`` from ``SCALES`` as above.
+- ``"rloo"`` (REINFORCE leave-one-out; Kool et al. 2019, Ahmadian et al. 2024 "Back to
+  Basics"): ``b_i = 1/(G-1) sum_{j != i} R_j``, the mean of the *other* episodes of the
+  group, so the baseline does not depend on the episode it judges (unbiased); ``s = 1``.
+  Equal to ``G/(G-1)`` times the centred return.
+- ``"reinforce++-baseline"`` (Hu et al. 2025, "REINFORCE++", its ``-baseline`` variant for
+  RLVR): ``b_i = mean_j R_j`` over the group, then the centred returns are normalised over
+  the whole batch, ``s = std_batch(R - mean_group R) + eps``. Departure: the batch std is
+  taken over episodes (each weighs the same), where OpenRLHF and verl whiten over tokens
+  (long completions weigh more); with single-turn rewards the centred returns have batch
+  mean 0 already, so only the divisor differs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -50,8 +67,52 @@ def unit_scale(returns: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ones((), dtype=returns.dtype)
 
 
+def centred_batch_std(returns: torch.Tensor, eps: float) -> torch.Tensor:
+    """Divide by ``std(batch of group-centred returns) + eps``: ``[]`` (REINFORCE++-baseline)."""
+    return (returns - returns.mean(dim=1, keepdim=True)).std(unbiased=False) + eps
+
+
 SCALES: dict[str, ScaleFn] = {"group": group_std, "batch": batch_std, "none": unit_scale}
 """Reward scaling by name; ``TrainConfig.scale`` picks one of these once."""
+
+BaselineFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps returns ``[num_groups, group_size]`` to each episode's baseline, the same shape."""
+
+
+def group_mean(returns: torch.Tensor) -> torch.Tensor:
+    """``b_i = mean_j R_j`` over the group (GRPO, REINFORCE++-baseline)."""
+    return returns.mean(dim=1, keepdim=True).expand_as(returns)
+
+
+def leave_one_out_mean(returns: torch.Tensor) -> torch.Tensor:
+    """``b_i = (sum_j R_j - R_i) / (G - 1)``: the mean of the other episodes (RLOO)."""
+    size = returns.shape[1]
+    if size < 2:
+        raise ValueError("a leave-one-out baseline needs groups of at least 2 episodes")
+    return (returns.sum(dim=1, keepdim=True) - returns) / (size - 1)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: the baseline and the divisor, chosen together once at setup."""
+
+    baseline: BaselineFn
+    scale: ScaleFn
+
+
+ESTIMATORS = ("grpo", "rloo", "reinforce++-baseline")
+"""Advantage estimators by name (``--advantage-estimator``); see the module docstring."""
+
+
+def make_estimator(name: str, scale: str = "group") -> Estimator:
+    """Return the estimator ``name``; ``scale`` (a key of ``SCALES``) is GRPO's divisor, the others fix their own."""
+    if name == "grpo":
+        return Estimator(group_mean, SCALES[scale])
+    if name == "rloo":
+        return Estimator(leave_one_out_mean, unit_scale)
+    if name == "reinforce++-baseline":
+        return Estimator(group_mean, centred_batch_std)
+    raise ValueError(f"unknown advantage estimator {name!r}; choose one of {list(ESTIMATORS)}")
 
 
 def group_advantages(returns: torch.Tensor, scale: ScaleFn, eps: float = 1e-4) -> torch.Tensor:
@@ -67,24 +128,25 @@ def group_advantages(returns: torch.Tensor, scale: ScaleFn, eps: float = 1e-4) -
 
 
 def turn_advantages(
-    turn_rewards: Sequence[Sequence[Sequence[float]]], scale: ScaleFn, eps: float = 1e-4
+    turn_rewards: Sequence[Sequence[Sequence[float]]], scale: ScaleFn | Estimator, eps: float = 1e-4
 ) -> list[list[list[float]]]:
     """Per-turn advantages from per-turn rewards, indexed ``[group][episode][turn]``.
 
-    ``A_{i,t} = (G_{i,t} - mean_j R_j) / (s + eps)`` with ``G_{i,t}`` the reward-to-go of
-    episode i from turn t and ``R_j = G_{j,0}`` the episode returns; the divisor comes from
-    the episode returns. Groups must all have the same size; episodes may have any number of
-    turns (at least one).
+    ``A_{i,t} = (G_{i,t} - b_i) / s_i`` with ``G_{i,t}`` the reward-to-go of episode i from
+    turn t; the baseline ``b`` and the divisor ``s`` come from the episode returns
+    ``R_j = G_{j,0}`` (a bare ``ScaleFn`` means GRPO's group-mean baseline). Groups must all
+    have the same size; episodes may have any number of turns (at least one).
     """
+    estimator = scale if isinstance(scale, Estimator) else Estimator(group_mean, scale)
     returns = episode_returns(turn_rewards)  # [num_groups, group_size]
-    baseline = returns.mean(dim=1)  # [num_groups]
-    divisor = scale(returns, eps).expand_as(returns)  # [num_groups, group_size]
+    baseline = estimator.baseline(returns)  # [num_groups, group_size]
+    divisor = estimator.scale(returns, eps).expand_as(returns)  # [num_groups, group_size]
     out: list[list[list[float]]] = []
     for g, group in enumerate(turn_rewards):
         out.append([])
         for i, rewards in enumerate(group):
             to_go = reward_to_go(rewards)
-            out[-1].append([(x - baseline[g].item()) / divisor[g, i].item() for x in to_go])
+            out[-1].append([(x - baseline[g, i].item()) / divisor[g, i].item() for x in to_go])
     return out
 
 
