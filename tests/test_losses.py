@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from rlvr.trainer.algorithm.advantages import SCALES, group_advantages
-from rlvr.trainer.algorithm.losses import (
-    AGGREGATIONS,
-    LossInputs,
-    clipped_surrogate,
-    k3_kl,
-    make_loss_fn,
-)
+from rlvr.trainer.algorithm.losses import AGGREGATIONS, LossInputs, k3_kl, make_loss_fn
+from rlvr.trainer.algorithm.surrogates import clipped_surrogate
 
 
 def _inputs(logprobs, old, adv, mask, **kw) -> LossInputs:

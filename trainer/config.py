@@ -30,6 +30,7 @@ import yaml
 from rlvr.envs.registry import parse_env_kwargs
 from rlvr.trainer.algorithm.advantages import ESTIMATORS, SCALES
 from rlvr.trainer.algorithm.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
+from rlvr.trainer.algorithm.surrogates import SURROGATES
 
 GENERATORS = ("auto", "transformers", "vllm")
 LEARNERS = ("torch", "deepspeed")
@@ -112,6 +113,11 @@ class TrainConfig:
     aggregation: str = field(default="token", metadata={"choices": tuple(AGGREGATIONS)})
     """Loss aggregation: 'sequence' mean then mean (GRPO), 'token' mean (DAPO), 'constant'
     normaliser B * max_new_tokens (Dr. GRPO)."""
+    policy_loss: str = field(default="clip", metadata={"choices": tuple(SURROGATES)})
+    """Per-token policy loss: 'clip' (the token ratio clipped, PPO/GRPO), 'gspo' (the sequence's
+    length-normalised ratio clipped per sequence, Zheng et al. 2025; pair it with a small
+    epsilon and --aggregation sequence), 'cispo' (the clipped ratio as a weight without
+    gradient times log pi, MiniMax-M1 2025). Combines with every --objective."""
     num_iterations: int = 1
     """Optimizer steps per generation batch, each against the stored old log-probabilities."""
     mask_truncated: bool = False
@@ -227,6 +233,7 @@ class TrainConfig:
                 f"applies to --advantage-estimator grpo only ({self.advantage_estimator} fixes its own scale)",
             ),
             ("aggregation", self.aggregation in AGGREGATIONS, f"must be one of {sorted(AGGREGATIONS)}"),
+            ("policy_loss", self.policy_loss in SURROGATES, f"must be one of {list(SURROGATES)}"),
             ("num_iterations", self.num_iterations >= 1, "must be >= 1"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),

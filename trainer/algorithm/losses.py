@@ -68,11 +68,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-Tensor = torch.Tensor
+from rlvr.trainer.algorithm.surrogates import MAX_LOG_RATIO, SURROGATES, SurrogateFn, clipped_surrogate
 
-# exp() of a log-ratio beyond this overflows float32 to inf; k3 and ratios are clamped in log
-# space so that one wild token gives a large but finite loss instead of NaN gradients.
-_MAX_LOG_RATIO = 20.0
+Tensor = torch.Tensor
 
 
 @dataclass
@@ -134,45 +132,12 @@ class LossOutputs:
     token-weighted mean."""
 
 
-@dataclass
-class SurrogateTerms:
-    """The per-token clipped surrogate and where its clip is active."""
-
-    loss: Tensor
-    """[B, T] -min(rho A, clip(rho) A)."""
-    ratio: Tensor
-    """[B, T] rho = exp(logprobs - old_logprobs)."""
-    clipped_low: Tensor
-    """[B, T] bool, rho < 1 - eps_low and A < 0."""
-    clipped_high: Tensor
-    """[B, T] bool, rho > 1 + eps_high and A > 0."""
-
-
-def clipped_surrogate(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, epsilon_low: float, epsilon_high: float
-) -> SurrogateTerms:
-    """``-min(rho A, clip(rho, 1 - epsilon_low, 1 + epsilon_high) A)`` per token, rho = pi/pi_old.
-
-    At rho = 1 its gradient is ``-A * grad log pi``: the plain policy gradient.
-    """
-    log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [B, T]
-    ratio = torch.exp(log_ratio)  # [B, T]
-    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # [B, T]
-    loss = -torch.minimum(ratio * advantages, clipped * advantages)  # [B, T]
-    return SurrogateTerms(
-        loss=loss,
-        ratio=ratio,
-        clipped_low=(ratio < 1.0 - epsilon_low) & (advantages < 0),
-        clipped_high=(ratio > 1.0 + epsilon_high) & (advantages > 0),
-    )
-
-
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """``pi_ref/pi - log(pi_ref/pi) - 1`` per token: an unbiased, non-negative KL(pi||pi_ref) estimate.
 
     With ``x = log pi_ref - log pi``, ``e^x - x - 1 >= 0`` with equality iff ``x = 0``.
     """
-    log_ratio = (ref_logprobs - logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [B, T]
+    log_ratio = (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # [B, T]
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
@@ -220,12 +185,16 @@ def grpo_loss(
     beta: float,
     aggregate: Aggregator,
     constant: float,
+    surrogate: SurrogateFn = clipped_surrogate,
 ) -> LossOutputs:
-    """``agg(L^clip + beta * k3)`` with the ratio taken against ``old_logprobs`` (see module doc)."""
+    """``agg(L^surrogate + beta * k3)`` with the ratio taken against ``old_logprobs`` (see module doc).
+
+    ``surrogate`` is the policy loss per token (``surrogates.py``: clip, GSPO, CISPO).
+    """
     mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
     n_seq, n_tok = int(inputs.num_sequences or 0), int(inputs.num_tokens or 0)
-    surrogate = clipped_surrogate(inputs.logprobs, inputs.old_logprobs, inputs.advantages, epsilon_low, epsilon_high)
-    policy_loss = aggregate(surrogate.loss, mask, n_seq, n_tok, constant)
+    terms = surrogate(inputs.logprobs, inputs.old_logprobs, inputs.advantages, epsilon_low, epsilon_high, mask)
+    policy_loss = aggregate(terms.loss, mask, n_seq, n_tok, constant)
     loss = policy_loss
     kl = torch.zeros((), dtype=mask.dtype)
     if inputs.ref_logprobs is not None:
@@ -238,9 +207,9 @@ def grpo_loss(
             loss=loss,
             policy_loss=policy_loss.detach(),
             kl=kl,
-            clip_low_fraction=_masked_mean(surrogate.clipped_low.to(mask.dtype), mask),
-            clip_high_fraction=_masked_mean(surrogate.clipped_high.to(mask.dtype), mask),
-            ratio_mean=_masked_mean(surrogate.ratio.detach(), mask),
+            clip_low_fraction=_masked_mean(terms.clipped_low.to(mask.dtype), mask),
+            clip_high_fraction=_masked_mean(terms.clipped_high.to(mask.dtype), mask),
+            ratio_mean=_masked_mean(terms.ratio.detach(), mask),
             behavior_kl=behavior_kl,
         )
 
@@ -323,7 +292,7 @@ def importance_weights(
 ) -> ImportanceWeights:
     """Capped ``pi_prox / mu`` of every token (``level`` and ``cap_fn`` chosen at setup)."""
     with torch.no_grad():
-        log_w = level(old_logprobs, behavior_logprobs, mask).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [B, T]
+        log_w = level(old_logprobs, behavior_logprobs, mask).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # [B, T]
         raw = torch.exp(log_w)
         return ImportanceWeights(raw=raw, weight=cap_fn(raw, cap) * mask, capped=(raw > cap) & (mask > 0))
 
@@ -401,6 +370,7 @@ def make_loss_fn(
     is_level: str = "token",
     is_mode: str = "truncate",
     on_policy: bool = False,
+    policy_loss: str = "clip",
 ) -> LossFn:
     """Pick the objective and aggregation by name, once, and bind the knobs.
 
@@ -409,13 +379,16 @@ def make_loss_fn(
     ``is_level`` and ``is_mode`` shape the importance weight pi_prox/mu of the
     ``"decoupled"`` objective (``"plain"`` only logs it; ``"grpo"`` ignores them).
     ``on_policy`` builds the loss of batches sampled by the weights being learned from
-    (see the module docstring): for them every objective is GRPO's.
+    (see the module docstring): for them every objective is GRPO's. ``policy_loss`` names
+    the per-token surrogate (``surrogates.SURROGATES``: clip, GSPO, CISPO), which every
+    objective uses.
     """
     for name, value, table in (
         ("objective", objective, OBJECTIVES),
         ("aggregation", aggregation, AGGREGATIONS),
         ("is_level", is_level, IMPORTANCE_LEVELS),
         ("is_mode", is_mode, IMPORTANCE_CAPS),
+        ("policy_loss", policy_loss, SURROGATES),
     ):
         if value not in table:
             raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(table)}")
@@ -427,6 +400,7 @@ def make_loss_fn(
         "beta": beta,
         "aggregate": AGGREGATIONS[aggregation],
         "constant": constant,
+        "surrogate": SURROGATES[policy_loss],
     }
     if objective in _WEIGHTED_OBJECTIVES:
         knobs["weigh"] = functools.partial(

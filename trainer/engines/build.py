@@ -185,6 +185,7 @@ def build_loss_fn(config: TrainConfig, on_policy: bool = False) -> LossFn:
         is_level=config.is_level,
         is_mode=config.is_mode,
         on_policy=on_policy,
+        policy_loss=config.policy_loss,
     )
 
 
