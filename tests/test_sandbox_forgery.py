@@ -134,10 +134,10 @@ ATTACKS = [
         "not plain data",
     ),
     (
-        "generator-result",
-        "def add(a, b):\n    yield 3",
+        "generator-yielding-a-forgery",  # generators are served; each value must be data
+        "class E:\n    __eq__ = lambda s, o: True\ndef add(a, b):\n    yield E()",
         ["assert list(add(1, 2)) == [3]"],
-        "generator, which is not plain data",
+        "which is not plain data",
     ),
     (
         "patched-isinstance-and-sorted",

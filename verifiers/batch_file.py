@@ -56,6 +56,8 @@ class Summary:
     reasons: Counter = field(default_factory=Counter)
     by_verifier: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    sandbox: str = ""
+    """The code sandbox's level and what it does not isolate, when code was scored."""
 
     @property
     def mean_score(self) -> float:
@@ -84,6 +86,8 @@ class Summary:
             rows.append(f"{'verifier ' + name:<24}{n:>12}   mean {s / n:.4f}")
         for reason, n in self.reasons.most_common():
             rows.append(f"{'reason ' + reason[:40]:<24}{n:>12}")
+        if self.sandbox:
+            rows.append(f"{'code sandbox':<24}{self.sandbox}")
         return "\n".join(rows)
 
 
@@ -91,12 +95,26 @@ class LineError(ValueError):
     """A line that cannot be scored; the message says what was expected."""
 
 
-def parse_line(text: str, line: int, index: int, default_verifier: str | None) -> Item:
-    """Turn one JSONL line into an Item, or raise LineError saying what is wrong."""
+def _load_json(raw: bytes | str) -> Any:
+    """Parse one line; LineError for every way it can fail (bytes, depth, digits, syntax)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LineError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     try:
-        obj = json.loads(text)
+        return json.loads(raw)
     except json.JSONDecodeError as e:
         raise LineError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise LineError("JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer past sys.get_int_max_str_digits()
+        raise LineError(f"invalid JSON ({str(e)[:120]})") from None
+
+
+def parse_line(text: bytes | str, line: int, index: int, default_verifier: str | None) -> Item:
+    """Turn one JSONL line into an Item, or raise LineError saying what is wrong."""
+    obj = _load_json(text)
     if not isinstance(obj, dict):
         raise LineError(f"expected a JSON object, got {type(obj).__name__}")
     name = obj.get("verifier", default_verifier)
@@ -108,8 +126,11 @@ def parse_line(text: str, line: int, index: int, default_verifier: str | None) -
         raise LineError(str(e.args[0])) from None
     completion = obj.get("completion")
     if not isinstance(completion, str):
-        raise LineError("missing field 'completion' (a string)" if completion is None
-                        else f"field 'completion' must be a string, got {type(completion).__name__}")
+        raise LineError(
+            "missing field 'completion' (a string)"
+            if completion is None
+            else f"field 'completion' must be a string, got {type(completion).__name__}"
+        )
     reference = None
     if spec.reference_field is not None:
         if spec.reference_field not in obj:
@@ -127,19 +148,26 @@ def _check_reference(verifier: str, reference: Any) -> None:
             ok = isinstance(t, str) or (isinstance(t, dict) and "input" in t and "output" in t)
             if not ok:
                 raise LineError(f"tests[{i}] must be a string or an object with 'input' and 'output'")
+            if isinstance(t, dict) and not all(isinstance(t[k], str) for k in ("input", "output")):
+                raise LineError(f"tests[{i}]: 'input' and 'output' must be strings")
+        if len({isinstance(t, str) for t in reference}) > 1:
+            raise LineError("field 'tests' mixes assert strings and {input, output} objects")
     elif not isinstance(reference, (str, int, float)) or isinstance(reference, bool):
         raise LineError(f"field 'answer' must be a string or a number, got {type(reference).__name__}")
 
 
-def open_text(path: Path) -> IO[str]:
-    """Open a .jsonl or .jsonl.gz file for reading as text."""
+def open_text(path: Path) -> IO[bytes]:
+    """Open a .jsonl or .jsonl.gz file for reading lines as bytes.
+
+    Lines are decoded one by one, so that a line that is not UTF-8 is that line's fault.
+    """
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return io.BufferedReader(gzip.open(path, "rb"))
+    return path.open("rb")
 
 
-def _chunks(lines: IO[str], size: int) -> Iterator[list[tuple[int, str]]]:
-    chunk: list[tuple[int, str]] = []
+def _chunks(lines: IO[bytes], size: int) -> Iterator[list[tuple[int, bytes]]]:
+    chunk: list[tuple[int, bytes]] = []
     for line_no, text in enumerate(lines, start=1):
         if not text.strip():
             continue  # blank lines are not items
@@ -152,7 +180,7 @@ def _chunks(lines: IO[str], size: int) -> Iterator[list[tuple[int, str]]]:
 
 
 def score_chunk(
-    chunk: list[tuple[int, str]], default_verifier: str | None, timeout: float | None, workers: int | None
+    chunk: list[tuple[int, bytes | str]], default_verifier: str | None, timeout: float | None, workers: int | None
 ) -> list[dict[str, Any]]:
     """Score one chunk of raw lines; returns output records in the chunk's order."""
     out: list[dict[str, Any] | None] = [None] * len(chunk)
@@ -161,26 +189,45 @@ def score_chunk(
         try:
             item = parse_line(text, line_no, i, default_verifier)
         except LineError as e:
-            out[i] = {"id": _best_effort_id(text, line_no), "line": line_no, "verifier": None,
-                      "score": 0.0, "parsed": None, "reason": f"malformed: line {line_no}: {e}",
-                      "malformed": True}
+            out[i] = {
+                "id": _best_effort_id(text, line_no),
+                "line": line_no,
+                "verifier": None,
+                "score": 0.0,
+                "parsed": None,
+                "reason": f"malformed: line {line_no}: {e}",
+                "malformed": True,
+            }
             continue
         groups.setdefault(item.verifier, []).append(item)
     for name, items in groups.items():
         spec = get_verifier(name)
         t = timeout if timeout is not None else DEFAULT_TIMEOUTS[name]
-        verdicts = spec.batch([it.completion for it in items], [it.reference for it in items], t, workers)
+        try:
+            verdicts = spec.batch([it.completion for it in items], [it.reference for it in items], t, workers)
+        except Exception as e:  # noqa: BLE001 - a verifier's own bug must not stop the file
+            verdicts = [Verdict(0.0, None, f"verifier error: {type(e).__name__}: {str(e)[:200]}")] * len(items)
         for it, v in zip(items, verdicts):
             out[it.index] = {"id": it.id, "line": it.line, "verifier": name, **v.to_dict()}
     return [o for o in out if o is not None]
 
 
-def _best_effort_id(text: str, line_no: int) -> Any:
+def _best_effort_id(text: bytes | str, line_no: int) -> Any:
     try:
-        obj = json.loads(text)
-        return obj.get("id", line_no) if isinstance(obj, dict) else line_no
-    except json.JSONDecodeError:
+        obj = _load_json(text)
+    except LineError:
         return line_no
+    return obj.get("id", line_no) if isinstance(obj, dict) else line_no
+
+
+def dump_record(record: dict[str, Any]) -> str:
+    r"""Return one output line, whatever its strings hold.
+
+    A lone surrogate (from a "\ud800" escape in the input) is written back as the same
+    JSON escape rather than failing to encode as UTF-8.
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def count_lines(path: Path) -> int:
@@ -203,19 +250,27 @@ def verify_file(
     summary = Summary()
     start = time.perf_counter()
     total = count_lines(input_path) if progress else None
-    with open_text(input_path) as lines, tqdm(
-        total=total, disable=not progress, unit="line", desc="verify", mininterval=0.5
-    ) as bar:
+    with (
+        open_text(input_path) as lines,
+        tqdm(total=total, disable=not progress, unit="line", desc="verify", mininterval=0.5) as bar,
+    ):
         for chunk in _chunks(lines, CHUNK_LINES):
             for rec in score_chunk(chunk, verifier, timeout, workers):
                 if rec.pop("malformed", False):
                     summary.malformed += 1
                 summary.add(rec["verifier"] or "malformed", Verdict(rec["score"], rec["parsed"], rec["reason"]))
                 if output is not None:
-                    output.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    output.write(dump_record(rec) + "\n")
             if output is not None:
                 output.flush()
             bar.update(len(chunk))
             bar.set_postfix(mean=f"{summary.mean_score:.3f}")
     summary.seconds = time.perf_counter() - start
+    if "code" in summary.by_verifier:
+        from rlvr.verifiers.sandbox import SandboxError, describe, isolation_level
+
+        try:
+            summary.sandbox = describe(isolation_level())
+        except SandboxError as e:
+            summary.sandbox = f"none ({str(e).splitlines()[0]})"
     return summary

@@ -1,4 +1,4 @@
-"""Code verifier: run the completion's Python program against tests in a sandbox.
+r"""Code verifier: run the completion's Python program against tests in a sandbox.
 
 The program is the completion's last fenced block tagged ``python`` (or ``py``,
 ``python3``) or untagged; a completion with no fence at all is taken whole. Tests come in
@@ -16,7 +16,8 @@ two forms, chosen by type:
   nothing.
 - ``{"input": str, "output": str}`` pairs: the program runs as ``__main__`` once per pair
   with that stdin; it passes when it exits with status 0 and its stdout equals the
-  expected output, ignoring trailing whitespace on each line and trailing blank lines. The
+  expected output, ignoring trailing ASCII whitespace on each line and trailing blank
+  lines (lines end at "\n" only: a Unicode line separator is not a newline). The
   comparison happens here, outside the sandbox; the expected output never enters it.
 
 Score 1.0 only when every test passes (reason "passed"); otherwise 0.0 with one reason:
@@ -25,7 +26,10 @@ test), "tests failed: F/N" (F of N tests failed), "timeout", "memory limit",
 "output limit", "exited early" (the program's process ended with status 0 before all
 tests were run, e.g. ``os._exit(0)``), "crashed" (killed by a signal, a nonzero exit, or
 a program that broke its call channel),
-"invalid harness output" (lines on the result channel without the run's nonce).
+"invalid harness output" (lines on the result channel without the run's nonce),
+"sandbox error" (the sandbox failed to start twice in a row; not the program's doing).
+"memory limit" also covers the kernel killing a process of the run for the run's memory
+cap (its cgroup, see ``sandbox_cgroup.py``).
 
 Why pass/fail never comes from the exit code or stdout: a program can ``sys.exit(0)``,
 ``os._exit(0)`` or print "passed". The evaluator writes nonce-stamped records to a
@@ -45,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlvr.verifiers.sandbox import SandboxLimits, SandboxRun, run_in_sandbox
+from rlvr.verifiers.sandbox import SandboxError, SandboxLimits, SandboxRun, run_in_sandbox
 from rlvr.verifiers.types import Verdict
 
 PYTHON_FENCE_TAGS = ("", "python", "py", "python3")
@@ -115,9 +119,17 @@ def _split_tests(tests: Any) -> tuple[str, list[str], list[str] | None]:
     raise ValueError("tests must be all assert strings or all {'input', 'output'} dicts")
 
 
+_ASCII_SPACE = " \t\r\n\x0b\x0c"
+
+
 def normalize_output(text: str) -> str:
-    """Drop trailing whitespace on each line and trailing blank lines (CRLF is a newline)."""
-    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip()
+    r"""Drop trailing ASCII whitespace on each line and trailing blank lines.
+
+    Lines end at "\n" only (a "\r" before it is trailing whitespace, so CRLF is a
+    newline): ``str.splitlines`` would also split at U+2028, U+0085 and the like, so a
+    program could print one line where several are expected.
+    """
+    return "\n".join(line.rstrip(_ASCII_SPACE) for line in text.split("\n")).rstrip(_ASCII_SPACE)
 
 
 def _quote(text: str) -> str:
@@ -167,8 +179,7 @@ def _io_outcome(run: SandboxRun, expected: list[str]) -> tuple[int, list[str], s
                 reason = reason or "memory limit"
             failures.append(f"test {index}: exit status {exit_code}")
         elif normalize_output(got) != normalize_output(want):
-            failures.append(f"test {index}: wrong output: expected {_quote(want.strip())}, "
-                            f"got {_quote(got.strip())}")
+            failures.append(f"test {index}: wrong output: expected {_quote(want.strip())}, got {_quote(got.strip())}")
         else:
             passed += 1
     return passed, failures, reason
@@ -180,6 +191,8 @@ def _reason(run: SandboxRun, passed: int, total: int, specific: str | None) -> s
         return "invalid harness output"
     if run.output_overflow:
         return "output limit"
+    if run.memory_exceeded and not (passed == total and specific is None):
+        return "memory limit"  # the kernel killed a process of the run for its memory cap
     if specific in ("syntax error", "runtime error"):
         return specific
     finished = bool(run.of_kind("done"))
@@ -194,9 +207,14 @@ def _reason(run: SandboxRun, passed: int, total: int, specific: str | None) -> s
     return f"tests failed: {total - passed}/{total}"
 
 
-def run_tests(program: str, tests: Sequence[str] | Sequence[dict], *,
-              timeout: float = 10.0, limits: SandboxLimits | None = None,
-              isolation: str | None = None) -> CodeResult:
+def run_tests(
+    program: str,
+    tests: Sequence[str] | Sequence[dict],
+    *,
+    timeout: float = 10.0,
+    limits: SandboxLimits | None = None,
+    isolation: str | None = None,
+) -> CodeResult:
     """Run ``program`` in the sandbox against ``tests``; see the module docstring.
 
     ``limits`` overrides the sandbox caps (its ``timeout`` is replaced by ``timeout``);
@@ -205,9 +223,13 @@ def run_tests(program: str, tests: Sequence[str] | Sequence[dict], *,
     """
     mode, sandbox_tests, expected = _split_tests(tests)
     limits = dataclasses.replace(limits or SandboxLimits(), timeout=timeout)
-    run = run_in_sandbox(program, sandbox_tests, mode=mode, limits=limits,
-                         isolation=isolation)
     total = len(sandbox_tests)
+    try:
+        run = run_in_sandbox(program, sandbox_tests, mode=mode, limits=limits, isolation=isolation)
+    except SandboxError as exc:  # twice in a row: a verdict, never a crash of the batch
+        return CodeResult(
+            passed=0, total=total, failures=[f"sandbox error: {exc}"], reason="sandbox error", isolation=isolation or ""
+        )
     syntax = run.of_kind("syntax")
     if syntax:
         passed, failures, specific = 0, [f"syntax error: {syntax[0].get('error')}"], "syntax error"
@@ -216,18 +238,23 @@ def run_tests(program: str, tests: Sequence[str] | Sequence[dict], *,
     else:
         passed, failures, specific = _io_outcome(run, expected)
     reason = _reason(run, passed, total, specific)
-    if reason in ("invalid harness output", "output limit", "timeout", "exited early",
-                  "crashed"):
+    if reason in ("invalid harness output", "output limit", "timeout", "exited early", "crashed"):
         failures = [reason, *failures]  # say why the per-test list is incomplete
     if reason == "invalid harness output":
         passed = 0  # records are not trustworthy
     stderr = run.stderr[-_STDERR_TAIL:].decode("utf-8", "replace")
-    return CodeResult(passed=passed, total=total, failures=failures, reason=reason,
-                      stderr=stderr, elapsed=run.elapsed, isolation=run.isolation)
+    return CodeResult(
+        passed=passed,
+        total=total,
+        failures=failures,
+        reason=reason,
+        stderr=stderr,
+        elapsed=run.elapsed,
+        isolation=run.isolation,
+    )
 
 
-def verify_code(completion: str, tests: Sequence[str] | Sequence[dict], *,
-                timeout: float = 10.0) -> Verdict:
+def verify_code(completion: str, tests: Sequence[str] | Sequence[dict], *, timeout: float = 10.0) -> Verdict:
     """Score 1.0 iff the completion's program passes every test; ``parsed`` is the program."""
     program = extract_program(completion)
     if program is None:
@@ -242,8 +269,9 @@ def default_workers() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
-def verify_code_batch(completions: Sequence[str], tests_list: Sequence[Any], *,
-                      timeout: float = 10.0, workers: int | None = None) -> list[Verdict]:
+def verify_code_batch(
+    completions: Sequence[str], tests_list: Sequence[Any], *, timeout: float = 10.0, workers: int | None = None
+) -> list[Verdict]:
     """:func:`verify_code` over pairs, run from a thread pool; results in input order."""
     if len(completions) != len(tests_list):
         raise ValueError(f"{len(completions)} completions but {len(tests_list)} test lists")
@@ -251,5 +279,4 @@ def verify_code_batch(completions: Sequence[str], tests_list: Sequence[Any], *,
         return []
     workers = max(1, min(workers or default_workers(), len(completions)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify-code") as pool:
-        return list(pool.map(lambda ct: verify_code(ct[0], ct[1], timeout=timeout),
-                             zip(completions, tests_list)))
+        return list(pool.map(lambda ct: verify_code(ct[0], ct[1], timeout=timeout), zip(completions, tests_list)))

@@ -100,16 +100,12 @@ What is NOT isolated, at any level:
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import logging
 import marshal
 import os
 import secrets
-import selectors
-import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -117,27 +113,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rlvr.verifiers.sandbox_process import exited, remove_tree, signal_group, terminate
+from rlvr.verifiers import sandbox_cgroup
+from rlvr.verifiers.sandbox_channel import anon_fd, collect, parse_records
+from rlvr.verifiers.sandbox_levels import (
+    EVALUATOR_UID,
+    ISOLATION_LEVELS,
+    SANDBOX_UID,
+    Backend,
+    candidate_backends,
+    describe,
+    warn_weak_level,
+)
+from rlvr.verifiers.sandbox_process import remove_tree, terminate
 
+__all__ = [
+    "ISOLATION_LEVELS",
+    "SANDBOX_UID",
+    "EVALUATOR_UID",
+    "SandboxError",
+    "SandboxLimits",
+    "SandboxRun",
+    "describe",
+    "isolation_level",
+    "run_in_sandbox",
+    "sandbox_python",
+]
 logger = logging.getLogger(__name__)
 
-ISOLATION_LEVELS = ("namespaces", "user-namespaces", "process-group")
-SANDBOX_UID = 65534  # nobody
-SANDBOX_GID = 65534
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-_NS_FLAGS = ("--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
-             "--mount-proc")
 _HARNESS_SOURCE = Path(__file__).with_name("sandbox_harness.py").read_bytes()
 # Helper modules the harness loads from the payload (it imports nothing of rlvr).
-_HARNESS_MODULES = {name: Path(__file__).with_name(name + ".py").read_text(encoding="utf-8")
-                    for name in ("sandbox_wire", "sandbox_server", "sandbox_evaluator")}
+_HARNESS_MODULES = {
+    name: Path(__file__).with_name(name + ".py").read_text(encoding="utf-8")
+    for name in ("sandbox_wire", "sandbox_server", "sandbox_evaluator", "sandbox_confine")
+}
 # The harness travels in a per-run memfd (argv[1]) rather than in argv, which would put
 # kilobytes of code into every `ps` line. When the sandbox's interpreter is this one, it
 # travels compiled (marshal of code objects, the trusted direction): compiling ~900 lines
 # in every run would cost more CPU than the rest of the harness together.
-_BOOTSTRAP = ("import sys,marshal;d=open(int(sys.argv[1]),'rb').read();"
-              "exec(compile(d,'sandbox_harness.py','exec') if d[:1]==b'\"' else marshal.loads(d))")
-_EXIT_GRACE = 0.5  # seconds to drain pipes after the sandbox's main process has exited
+_BOOTSTRAP = (
+    "import sys,marshal;d=open(int(sys.argv[1]),'rb').read();"
+    "exec(compile(d,'sandbox_harness.py','exec') if d[:1]==b'\"' else marshal.loads(d))"
+)
 _RECORD_OVERHEAD = 1024  # bytes of result channel allowed per test beyond captured output
 
 Mode = Literal["asserts", "io"]
@@ -152,19 +169,24 @@ class SandboxLimits:
     """Resource caps for one sandboxed run."""
 
     timeout: float = 10.0
-    """Wall-clock seconds for the whole run (all tests), enforced by the caller."""
+    """Seconds for the whole run (all tests): the run's own CPU time where it has a cgroup
+    (wall-clock backstop: 4x), else wall-clock time; enforced by the caller."""
     memory_bytes: int = 1 << 30
     """RLIMIT_AS per process; allocations past it raise MemoryError."""
+    sandbox_memory_bytes: int = 1 << 30
+    """Memory of the whole run (every process, tmpfs and shared memory), by its cgroup."""
+    cpus: float = 1.0
+    """CPU quota of the whole run, in CPUs, by its cgroup."""
     max_output_bytes: int = 1 << 20
     """Cap on captured stdout and on stderr (each); more kills the run ("output limit")."""
     max_file_bytes: int = 16 << 20
     """RLIMIT_FSIZE: the largest file the program may write."""
     max_processes: int = 64
-    """RLIMIT_NPROC (per uid, so shared by concurrent sandboxes with uid 65534)."""
+    """Processes (threads included) of the whole run (cgroup ``pids.max``); also RLIMIT_NPROC."""
     max_open_files: int = 256
     """RLIMIT_NOFILE."""
     scratch_bytes: int = 64 << 20
-    """Size of the tmpfs scratch mounts (namespace levels)."""
+    """Size of each tmpfs scratch mount, /tmp and /dev/shm (namespace levels)."""
 
 
 @dataclass(frozen=True)
@@ -185,47 +207,44 @@ class SandboxRun:
     """stdout, stderr, the result channel or an io test's stdout went past its cap."""
     elapsed: float
     isolation: str
+    memory_exceeded: bool = False
+    """The kernel killed a process of the run for the run's memory cap (its cgroup)."""
+    cpu_seconds: float | None = None
+    """CPU time of the whole run (None without a cgroup)."""
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         """Return the records of one kind, in order."""
         return [r for r in self.records if r.get("kind") == kind]
 
 
-@dataclass(frozen=True)
-class _Backend:
-    level: str
-    python: str
-    prefix: tuple[str, ...]  # wrapper command (unshare ...) before the interpreter
-    uid: int | None  # drop to this uid inside, or None
-
-
 _backend_lock = threading.Lock()
-_backend_cache: dict[str | None, _Backend] = {}  # None: the default level
+_backend_cache: dict[str | None, Backend] = {}  # None: the default level
 
 
 def isolation_level() -> str:
     """Return the isolation level this process uses: one of :data:`ISOLATION_LEVELS`.
 
-    The first call probes the levels in order (namespaces only when running as root) by
-    running a tiny program in each, and keeps the first that works.
+    ``namespaces`` unless ``RLVR_SANDBOX_ISOLATION`` asks for a weaker one; the first call
+    checks it by running a tiny program. Raises :class:`SandboxError` when the level does
+    not work here (the message says which weaker level may be asked for).
     """
     return _backend().level
 
 
 def sandbox_python() -> str:
-    """Return the interpreter that runs sandboxed programs (readable by uid 65534)."""
+    """Return the interpreter that runs sandboxed programs."""
     return _backend().python
 
 
-def run_in_sandbox(program: str, tests: list[str], *, mode: Mode,
-                   limits: SandboxLimits | None = None,
-                   isolation: str | None = None) -> SandboxRun:
+def run_in_sandbox(
+    program: str, tests: list[str], *, mode: Mode, limits: SandboxLimits | None = None, isolation: str | None = None
+) -> SandboxRun:
     """Run ``program`` against assert strings (``asserts``) or stdin strings (``io``).
 
-    ``isolation`` forces a level (tests use it to cover the fallbacks); by default the
+    ``isolation`` forces a level (tests use it to cover the weaker ones); by default the
     level of :func:`isolation_level`. Never raises because of what the program does;
     raises :class:`SandboxError` when the sandbox could not be set up (retried once, for
-    a transient unshare failure) or the forced level does not work here.
+    a transient failure) or the level does not work here.
     """
     backend = _backend(isolation)
     limits = limits or SandboxLimits()
@@ -236,136 +255,144 @@ def run_in_sandbox(program: str, tests: list[str], *, mode: Mode,
         return _run(backend, mode, program, tests, limits)
 
 
-def _backend(level: str | None = None) -> _Backend:
+def _backend(level: str | None = None) -> Backend:
     with _backend_lock:
         if level not in _backend_cache:
-            backend = _probe(level or os.environ.get("RLVR_SANDBOX_ISOLATION"))
-            if level is None and os.geteuid() == 0 and backend.level != "namespaces":
-                logger.warning(
-                    "code sandbox runs at the weaker %r level as root (with %s); if no "
-                    "interpreter readable by uid 65534 was found, set RLVR_SANDBOX_PYTHON",
-                    backend.level, backend.python)
+            backend = _probe(level or os.environ.get("RLVR_SANDBOX_ISOLATION") or "namespaces")
+            if level is None:
+                warn_weak_level(backend)
             _backend_cache[level] = backend
         return _backend_cache[level]
-
-
-def _candidate_pythons() -> list[str]:
-    forced = os.environ.get("RLVR_SANDBOX_PYTHON")
-    if forced:
-        return [forced]
-    names = [sys.executable, getattr(sys, "_base_executable", ""),
-             shutil.which("python3", path=_SAFE_PATH) or "", "/usr/bin/python3"]
-    seen: dict[str, str] = {}
-    for name in names:
-        if name and os.path.exists(name):
-            seen.setdefault(os.path.realpath(name), name)
-    return list(seen.values())
-
-
-def _candidate_backends(level: str | None) -> list[_Backend]:
-    pythons = _candidate_pythons()
-    root = os.geteuid() == 0
-    unshare = shutil.which("unshare", path=_SAFE_PATH)
-    backends = []
-    if unshare and root:
-        backends += [_Backend("namespaces", py, (unshare, *_NS_FLAGS), SANDBOX_UID)
-                     for py in pythons]
-    if unshare:
-        user_ns = (unshare, "--user", "--map-root-user", *_NS_FLAGS)
-        backends += [_Backend("user-namespaces", py, user_ns, None) for py in pythons]
-    backends += [_Backend("process-group", py, (), SANDBOX_UID if root else None)
-                 for py in pythons]
-    if level:
-        if level not in ISOLATION_LEVELS:
-            raise ValueError(f"isolation level {level!r}; expected one of {ISOLATION_LEVELS}")
-        backends = [b for b in backends if b.level == level]
-    return backends
 
 
 _PROBE_PROGRAM = "import collections, functools, heapq, itertools, math, re, string\n"
 
 
-def _probe(level: str | None) -> _Backend:
-    """Return the first backend whose sandbox runs a stdlib-importing program and a test."""
+def _probe(level: str) -> Backend:
+    """Return the first backend of ``level`` whose sandbox runs a program and a test."""
     tried = []
-    for backend in _candidate_backends(level):
+    for backend in candidate_backends(level):
         try:
-            run = _run(backend, "asserts", _PROBE_PROGRAM, ["assert True"],
-                       SandboxLimits(timeout=30.0))
+            run = _run(backend, "asserts", _PROBE_PROGRAM, ["assert True"], SandboxLimits(timeout=30.0))
         except (SandboxError, OSError) as exc:
             tried.append(f"{backend.level} with {backend.python}: {exc}")
             continue
         if run.valid and [r.get("ok") for r in run.of_kind("test")] == [True]:
             return backend
         tried.append(f"{backend.level} with {backend.python}: {run.stderr[-300:]!r}")
-    raise SandboxError(f"no working sandbox (level {level or 'any'}); tried:\n" + "\n".join(tried)
-                       + "\nAs root, set RLVR_SANDBOX_PYTHON to an interpreter that uid "
-                       "65534 can read and execute.")
+    hint = (
+        ""
+        if level != "namespaces"
+        else "\nThe full level needs root and unshare(1). Weaker levels run only when asked "
+        "for: RLVR_SANDBOX_ISOLATION=user-namespaces (any user allowed to create user "
+        "namespaces) or process-group (isolates nothing but the scratch dir)."
+    )
+    raise SandboxError(f"no working sandbox at level {level!r}; tried:\n" + "\n".join(tried) + hint)
 
 
-def _anon_fd(data: bytes) -> int:
-    """Return a readable fd holding ``data`` (a memfd: no size cap, no writer thread)."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("rlvr-sandbox")
-    else:
-        fd, path = tempfile.mkstemp(prefix="rlvr-sandbox-")
-        os.unlink(path)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
+def _setup(
+    backend: Backend, workdir: str, limits: SandboxLimits, cgroup: sandbox_cgroup.Cgroup | None
+) -> dict[str, Any]:
+    """Return what the harness sets up before the program runs (see sandbox_confine.py)."""
+    return {
+        "pid_ns": backend.namespaced,
+        "keeper": not backend.namespaced,
+        "workdir": workdir,
+        "scratch_bytes": limits.scratch_bytes,
+        "uid": backend.uid,
+        "gid": backend.uid,
+        "evaluator_uid": backend.evaluator_uid,
+        "plan": backend.plan,
+        "sys_path": backend.sys_path,
+        "seccomp": backend.seccomp,
+        "cgroup_procs": cgroup.procs_files if cgroup else [],
+    }
 
 
-def _run(backend: _Backend, mode: str, program: str, tests: list[str],
-         limits: SandboxLimits) -> SandboxRun:
+def _run(backend: Backend, mode: str, program: str, tests: list[str], limits: SandboxLimits) -> SandboxRun:
     start = time.monotonic()
-    namespaced = backend.level != "process-group"
+    namespaced = backend.namespaced
     workdir = "/tmp" if namespaced else tempfile.mkdtemp(prefix="rlvr-sandbox-")
+    cgroup = (
+        sandbox_cgroup.create(
+            sandbox_cgroup.CgroupLimits(limits.sandbox_memory_bytes, limits.max_processes, limits.cpus)
+        )
+        if namespaced
+        else None
+    )
     try:
         if not namespaced and backend.uid is not None:
-            os.chown(workdir, backend.uid, SANDBOX_GID)
+            os.chown(workdir, backend.uid, backend.uid)
         nonce = secrets.token_hex(16)
         # The nonce and the tests travel apart from the program: only the process that
         # reports reads them, after the candidate process has split off (asserts mode).
         secret = {"nonce": nonce, "tests": list(tests)}
         payload = {
-            "mode": mode, "program": program, "modules": _harness(backend.python)[1],
+            "mode": mode,
+            "program": program,
+            "modules": _harness(backend.python)[1],
             "output_cap": limits.max_output_bytes,
             "limits": {
-                "RLIMIT_CPU": int(limits.timeout) + 2, "RLIMIT_AS": limits.memory_bytes,
-                "RLIMIT_FSIZE": limits.max_file_bytes, "RLIMIT_NPROC": limits.max_processes,
-                "RLIMIT_NOFILE": limits.max_open_files, "RLIMIT_CORE": 0,
+                "RLIMIT_CPU": int(limits.timeout) + 2,
+                "RLIMIT_AS": limits.memory_bytes,
+                "RLIMIT_FSIZE": limits.max_file_bytes,
+                "RLIMIT_NPROC": limits.max_processes,
+                "RLIMIT_NOFILE": limits.max_open_files,
+                "RLIMIT_CORE": 0,
             },
-            "setup": {
-                "pid_ns": namespaced, "keeper": not namespaced, "workdir": workdir,
-                "tmpfs": ["/tmp", "/dev/shm"], "scratch_bytes": limits.scratch_bytes,
-                "uid": backend.uid, "gid": SANDBOX_GID if backend.uid is not None else None,
-            },
+            "setup": _setup(backend, workdir, limits, cgroup),
         }
+        if cgroup is not None:
+            # pids.max caps the run. RLIMIT_NPROC would count every process of the sandbox
+            # uid across all concurrent runs: each user namespace is charged to its owner.
+            del payload["limits"]["RLIMIT_NPROC"]
         result_cap = 64 * 1024 + _RECORD_OVERHEAD * len(tests)
         if mode == "io":  # stdout travels as repr(bytes): up to 4 chars per byte
             result_cap += 4 * limits.max_output_bytes
         proc, result_r = _spawn(backend, marshal.dumps(payload), marshal.dumps(secret), workdir)
         try:
-            streams = _collect(proc, result_r, limits, result_cap, start, namespaced)
+            assert proc.stdout is not None and proc.stderr is not None
+            streams = collect(
+                proc.pid,
+                (proc.stdout.fileno(), proc.stderr.fileno(), result_r),
+                (limits.max_output_bytes, limits.max_output_bytes, result_cap),
+                timeout=limits.timeout,
+                start=start,
+                namespaced=namespaced,
+                clock=cgroup.cpu_seconds if cgroup else None,
+            )
         finally:
             os.close(result_r)
+            proc.stdout.close()
+            proc.stderr.close()
             terminate(proc, namespaced)
+        oom = bool(cgroup and cgroup.oom_kills())
+        cpu = cgroup.cpu_seconds() if cgroup else None
     finally:
+        if cgroup is not None:
+            cgroup.remove()
         if not namespaced:
             remove_tree(workdir)
-    records, valid = _parse_records(streams.result, nonce)
+    records, valid = parse_records(streams.result, nonce)
     if valid and not records and not streams.timed_out and not streams.overflow:
-        raise SandboxError(f"{backend.level} sandbox did not start (exit "
-                           f"{proc.returncode}): {streams.stderr[-500:]!r}")
+        raise SandboxError(f"{backend.level} sandbox did not start (exit {proc.returncode}): {streams.stderr[-500:]!r}")
     if valid and records and records[0].get("kind") == "setup_error":
-        raise SandboxError(f"{backend.level} sandbox setup failed: {records[0].get('error')} "
-                           f"(stderr: {streams.stderr[-500:]!r})")
-    return SandboxRun(records=records, valid=valid, stdout=streams.stdout,
-                      stderr=streams.stderr, returncode=proc.returncode,
-                      timed_out=streams.timed_out, output_overflow=streams.overflow,
-                      elapsed=time.monotonic() - start, isolation=backend.level)
+        raise SandboxError(
+            f"{backend.level} sandbox setup failed: {records[0].get('error')} (stderr: {streams.stderr[-500:]!r})"
+        )
+    return SandboxRun(
+        records=records,
+        valid=valid,
+        stdout=streams.stdout,
+        stderr=streams.stderr,
+        returncode=proc.returncode,
+        timed_out=streams.timed_out,
+        output_overflow=streams.overflow,
+        elapsed=time.monotonic() - start,
+        isolation=backend.level,
+        memory_exceeded=oom,
+        cpu_seconds=cpu,
+    )
 
 
 _compiled: dict[str, tuple[bytes, dict[str, Any]]] = {}
@@ -376,8 +403,7 @@ def _harness(python: str) -> tuple[bytes, dict[str, Any]]:
     if python not in _compiled:
         if _bytecode_magic(python) == importlib.util.MAGIC_NUMBER:
             harness = marshal.dumps(compile(_HARNESS_SOURCE, "sandbox_harness.py", "exec"))
-            modules = {name: compile(source, name + ".py", "exec")
-                       for name, source in _HARNESS_MODULES.items()}
+            modules = {name: compile(source, name + ".py", "exec") for name, source in _HARNESS_MODULES.items()}
             _compiled[python] = (harness, modules)
         else:
             _compiled[python] = (_HARNESS_SOURCE, dict(_HARNESS_MODULES))
@@ -391,30 +417,45 @@ def _bytecode_magic(python: str) -> bytes | None:
     """
     program = "import sys,importlib._bootstrap_external as b;sys.stdout.write(b.MAGIC_NUMBER.hex())"
     try:
-        out = subprocess.run([python, "-I", "-S", "-c", program], capture_output=True, timeout=30,
-                             env={"PATH": _SAFE_PATH}, check=True).stdout
+        out = subprocess.run(
+            [python, "-I", "-S", "-c", program], capture_output=True, timeout=30, env={"PATH": _SAFE_PATH}, check=True
+        ).stdout
         return bytes.fromhex(out.decode())
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
 
 
-def _spawn(backend: _Backend, payload: bytes, secret: bytes,
-           workdir: str) -> tuple[subprocess.Popen, int]:
-    source_fd = _anon_fd(_harness(backend.python)[0])
-    payload_fd = _anon_fd(payload)
-    secret_fd = _anon_fd(secret)
+def _spawn(backend: Backend, payload: bytes, secret: bytes, workdir: str) -> tuple[subprocess.Popen, int]:
+    source_fd = anon_fd(_harness(backend.python)[0])
+    payload_fd = anon_fd(payload)
+    secret_fd = anon_fd(secret)
     result_r, result_w = os.pipe()
-    argv = [*backend.prefix, backend.python, "-I", "-S", "-c", _BOOTSTRAP,
-            str(source_fd), str(payload_fd), str(secret_fd), str(result_w)]
+    argv = [
+        *backend.prefix,
+        backend.python,
+        "-I",
+        "-S",
+        "-c",
+        _BOOTSTRAP,
+        str(source_fd),
+        str(payload_fd),
+        str(secret_fd),
+        str(result_w),
+    ]
     env = {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "HOME": workdir}
     try:
         # pass_fds makes exactly these four inheritable in the child; every other fd of the
         # caller (other threads' pipes included) is O_CLOEXEC, so concurrent spawns are safe.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE,
-                                pass_fds=(source_fd, payload_fd, secret_fd, result_w),
-                                env=env, cwd=workdir if backend.level == "process-group"
-                                else "/", start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(source_fd, payload_fd, secret_fd, result_w),
+            env=env,
+            cwd=workdir if not backend.namespaced else "/",
+            start_new_session=True,
+        )
     except BaseException:
         os.close(result_r)
         raise
@@ -422,75 +463,3 @@ def _spawn(backend: _Backend, payload: bytes, secret: bytes,
         for fd in (source_fd, payload_fd, secret_fd, result_w):
             os.close(fd)
     return proc, result_r
-
-
-@dataclass
-class _Streams:
-    stdout: bytes
-    stderr: bytes
-    result: bytes
-    timed_out: bool
-    overflow: bool
-
-
-def _collect(proc: subprocess.Popen, result_r: int, limits: SandboxLimits,
-             result_cap: int, start: float, namespaced: bool) -> _Streams:
-    """Read stdout, stderr and the result pipe until EOF, the deadline, or a cap."""
-    assert proc.stdout is not None and proc.stderr is not None
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    caps = {out_fd: limits.max_output_bytes, err_fd: limits.max_output_bytes,
-            result_r: result_cap}
-    bufs = {fd: bytearray() for fd in caps}
-    deadline = start + limits.timeout
-    exited_at = None
-    timed_out = overflow = False
-    with selectors.DefaultSelector() as sel:
-        for fd in caps:
-            sel.register(fd, selectors.EVENT_READ)
-        while sel.get_map() and not overflow:
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = True
-                break
-            if exited_at is None and exited(proc.pid):
-                exited_at = now
-                if not namespaced:  # leftovers in the group would hold the pipes open
-                    signal_group(proc.pid)
-            if exited_at is not None and now - exited_at > _EXIT_GRACE:
-                break  # something that escaped the group still holds a pipe open
-            for key, _ in sel.select(min(deadline - now, 0.1)):
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    sel.unregister(key.fd)
-                    continue
-                bufs[key.fd] += chunk
-                if len(bufs[key.fd]) > caps[key.fd]:
-                    overflow = True
-    proc.stdout.close()
-    proc.stderr.close()
-    return _Streams(bytes(bufs[out_fd]), bytes(bufs[err_fd]), bytes(bufs[result_r]),
-                    timed_out, overflow)
-
-
-def _parse_records(data: bytes, nonce: str) -> tuple[list[dict[str, Any]], bool]:
-    """Parse the result channel; ``valid`` is False if any line was not ours."""
-    records: list[dict[str, Any]] = []
-    valid = True
-    token = nonce.encode()
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        # Check for the nonce before parsing so that guessed lines never reach the parser.
-        if not line.startswith(b"{") or token not in line:
-            valid = False
-            continue
-        try:
-            record = ast.literal_eval(line.decode("utf-8"))
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            valid = False
-            continue
-        if not isinstance(record, dict) or record.pop("nonce", None) != nonce:
-            valid = False
-            continue
-        records.append(record)
-    return records, valid

@@ -20,9 +20,13 @@ back after the call and updated in place on the trusted side.
 What fails, with a reason naming the construct (a :class:`CandidateFailure`, which a
 test's ``except Exception`` cannot swallow, and which fails the test even if a bare
 ``except`` does): a result that is not plain data (a subclass of int, an object with its
-own ``__eq__``, a generator, a function; objects are handles only when a class was
-called); passing a test-defined function or object to the candidate; operators, ``len``,
-``bool``, iteration, indexing or comparison on a candidate object; the candidate
+own ``__eq__``; objects are handles only when a class was called, or when the candidate
+returns a generator, an iterator or a function: those are served back through proxies,
+each value still crossing as plain data); passing a test-defined function or object to
+the candidate; operators, ``len``, ``bool``, iteration, indexing or comparison on a
+candidate object (a served generator may be iterated); a ``StopIteration`` escaping a
+call (a RuntimeError, as PEP 479 makes it for generators, so that ``map`` cannot take it
+for the end of the data); the candidate
 exiting, being killed or running out of memory during a call. Top-level candidate values
 that are not plain data (of at most 64 KiB encoded), callables or modules are not
 visible to tests (NameError), nor is any candidate name that is also a builtin's (``def
@@ -110,6 +114,24 @@ class Remote:
     __mul__ = __truediv__ = __floordiv__ = __mod__ = __neg__ = __abs__ = _refuse
     __int__ = __float__ = __index__ = __radd__ = __rsub__ = __rmul__ = _refuse
     __hash__ = object.__hash__
+
+
+class RemoteIterator(Remote):
+    """A generator or iterator the candidate returned: ``next()`` fetches one value as data."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):  # as a generator: list() asks for a length hint, and gets none
+        raise TypeError(f"{self._label} has no len()")
+
+    def __bool__(self):
+        return True
+
+    def __next__(self):
+        return self._channel.call(self, "__next__", (), {})
 
 
 class _Method:
@@ -219,7 +241,13 @@ class Channel:
             _update_in_place(args, index, self.decode(data, label))
         if "handle" in reply:
             handle = ("h", str(reply["handle"]))
-            return Remote(self, handle, "{} instance".format(wire.short(str(reply.get("type")))))
+            kind = reply.get("served")
+            what = wire.short(str(reply.get("type")))
+            if kind == "iterator":
+                return RemoteIterator(self, handle, f"{what} returned by {label}")
+            if kind == "callable":
+                return Remote(self, handle, f"{what} returned by {label}")
+            return Remote(self, handle, f"{what} instance")
         return self.result(reply, label)
 
     def getattr(self, remote, attr):
@@ -264,6 +292,10 @@ class Channel:
             self.fail(CandidateAbort, f"{label} raised {error}")
         names = reply.get("raised")
         cls = wire.builtin_exception(names if type(names) is list else [])
+        if cls in (StopIteration, StopAsyncIteration) and not label.endswith(".__next__"):
+            # PEP 479: a StopIteration escaping a call is that call's failure; raised as is,
+            # map() or a generator in the test would take it for the end of the data.
+            raise RuntimeError(f"in {label}: {error} escaped the call (a failure, as in PEP 479)")
         raise (cls or CandidateError)(f"in {label}: {error}")
 
     def decode(self, data, label):
@@ -275,7 +307,7 @@ class Channel:
             self.fail(NotPlainData, f"{label} returned malformed data ({exc})")
 
     def handle_of(self, obj):
-        if type(obj) is Remote and obj._channel is self:
+        if type(obj) in (Remote, RemoteIterator) and obj._channel is self:
             return None if obj._ref[0] != "h" else obj._ref[1]
         return None
 

@@ -42,17 +42,9 @@ _repr = repr
 _MAX_MESSAGE = 300
 _EXIT_SETUP_FAILED = 70
 _EXIT_MEMORY = 86  # io child: uncaught MemoryError (code.py maps it to "memory limit")
-_MS_NOSUID = 2
-_MS_NODEV = 4
-_MOUNT_ATTR_RDONLY = 0x1
-_MOUNT_ATTR_NOSUID = 0x2
-_AT_FDCWD = -100
-_AT_RECURSIVE = 0x8000
-_SYS_MOUNT_SETATTR = 442  # same number on every architecture (added in Linux 5.12)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
-_CLONE_NEWUSER = 0x10000000
 
 
 def _read_all(fd):
@@ -67,7 +59,7 @@ def _read_all(fd):
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
-        view = view[_write(fd, view):]
+        view = view[_write(fd, view) :]
 
 
 def _libc():
@@ -83,26 +75,6 @@ def _check(ctypes, rc, what):
         raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def _isolate_filesystem(ctypes, libc, setup):
-    """Read-only everything (recursively), then fresh size-capped tmpfs scratch mounts."""
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-    attr = MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
-    rc = libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), b"/",
-                      ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr),
-                      ctypes.c_size_t(ctypes.sizeof(attr)))
-    _check(ctypes, rc, "mount_setattr(/, RDONLY)")
-    options = f"size={setup['scratch_bytes']},mode=1777".encode()
-    for target in setup["tmpfs"]:
-        if os.path.isdir(target):
-            rc = libc.mount(b"tmpfs", target.encode(), b"tmpfs",
-                            ctypes.c_ulong(_MS_NOSUID | _MS_NODEV), options)
-            _check(ctypes, rc, "mount tmpfs on " + target)
-
-
 def _set_limits(limits):
     for name, value in limits.items():
         which = getattr(resource, name)
@@ -112,36 +84,68 @@ def _set_limits(limits):
         resource.setrlimit(which, (value, value))
 
 
-def _setup(setup, limits, split, before_fork, after_fork):
+_SIGNALS_IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+
+
+def _ignore_signals(ignore):
+    """Ignore what a program could send the reporting process; give a candidate the defaults."""
+    for name in _SIGNALS_IGNORED:
+        if hasattr(signal, name):
+            handler = signal.SIG_IGN if ignore else signal.SIG_DFL
+            signal.signal(getattr(signal, name), handler)
+    if not ignore:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _setup(setup, limits, split, before_fork, after_fork, sources):
     """Namespaces, scratch dir, rlimits, privileges; returns (role, candidate pid).
 
-    Roles: "single" runs everything (io mode), "candidate" runs the program (asserts mode)
-    and "evaluator" runs the tests (asserts mode, never the program). ``after_fork(pid)``
-    runs in both processes right after the evaluator/candidate split, before anything else;
-    ``before_fork()`` right before it (after the fallback's keeper fork, which must not
-    hold the channel open).
-    With a PID namespace the candidate gets a user namespace of its own (below the one of
-    PID 1), so it holds no capability over the evaluator, which is also non-dumpable: its
-    /proc files and memory are closed to the candidate even where both have the same uid
-    (both drop to the sandbox uid when there is one; the evaluator, as the namespace's
-    init, ignores the candidate's signals).
-    Raises on failure.
+    Roles: "single" reports and forks one candidate per stdin string (io mode), "candidate"
+    runs the program (asserts mode) and "evaluator" runs the tests (asserts mode, never
+    the program). ``after_fork(pid)`` runs in both processes right after the
+    evaluator/candidate split, before anything else; ``before_fork()`` right before it.
+    At the namespace levels this process is the PID namespace's init: it builds the empty
+    root and stays the reporter; each candidate drops every privilege on its own
+    (``sandbox_confine.py``). Raises on failure.
     """
+    if not setup["pid_ns"]:
+        return _setup_fallback(setup, limits, split, before_fork, after_fork)
+    confine = _load(sources, "sandbox_confine")
+    confine.join_cgroups(setup["cgroup_procs"])
+    confine.protect_init()
+    confine.build_root(setup)
+    os.chdir(setup["workdir"])
+    _ignore_signals(True)
+    _set_limits(limits)
+    if not split:
+        return "single", None
+    before_fork()
+    pid = os.fork()
+    after_fork(pid)
+    if pid == 0:
+        _become_candidate(setup)
+        return "candidate", 0
+    confine.become_evaluator(setup)
+    ctypes, libc = _libc()
+    _check(ctypes, libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+    return "evaluator", pid
+
+
+def _become_candidate(setup):
+    """In a forked candidate (namespace levels): no privilege left, default signals."""
+    if setup["pid_ns"]:
+        sys.modules["sandbox_confine"].become_candidate(setup)
+    _ignore_signals(False)
+    sys.path.extend(setup["sys_path"])
+
+
+def _setup_fallback(setup, limits, split, before_fork, after_fork):
+    """process-group (asked for): a new session, a keeper, the uid drop; no namespaces."""
     ctypes = libc = None
     role, pid = "single", None
-    if setup["pid_ns"] or setup["uid"] is not None or split:
+    if setup["uid"] is not None or split:
         ctypes, libc = _libc()
-    nested_uid = setup["uid"] if setup["uid"] is not None else (0 if split else None)
-    if setup["pid_ns"] and nested_uid is not None:
-        if split:
-            before_fork()
-        pid = _split_user_namespace(ctypes, libc, setup, nested_uid, after_fork)
-        if pid != 0 and not split:
-            _exit_like(pid)
-        role = "single" if not split else ("candidate" if pid == 0 else "evaluator")
-    elif setup["pid_ns"]:
-        _isolate_filesystem(ctypes, libc, setup)
-    elif setup["keeper"]:
+    if setup["keeper"]:
         _keep()
     os.chdir(setup["workdir"])
     _set_limits(limits)
@@ -149,15 +153,16 @@ def _setup(setup, limits, split, before_fork, after_fork):
         os.setgroups([])
         os.setgid(setup["gid"])
         os.setuid(setup["uid"])
-    if split and role == "single":  # process-group: same uid, split after the drop
+    if split:  # same uid, split after the drop
         before_fork()
         pid = os.fork()
         after_fork(pid)
         role = "candidate" if pid == 0 else "evaluator"
+    _ignore_signals(role != "candidate")
     if libc is not None:
         _check(ctypes, libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        # Changing uid (and fork) clears the parent-death signal; re-arm it (outside a PID
-        # namespace it is what ends the run if our parent dies; inside, init's exit does that).
+        # Changing uid (and fork) clears the parent-death signal; re-arm it: outside a PID
+        # namespace it is what ends the run if our parent dies.
         _check(ctypes, libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
     if role == "evaluator":
         _check(ctypes, libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
@@ -175,50 +180,6 @@ def _keep():
     pid = os.fork()
     if pid != 0:
         _exit_like(pid)
-
-
-def _split_user_namespace(ctypes, libc, setup, ident, after_fork):
-    """Fork; the child enters a fresh user namespace, the parent stays PID 1.
-
-    Only uid/gid ``ident`` is mapped in it (to the same id outside), so after the child
-    drops to it its processes are charged to this namespace: RLIMIT_NPROC then counts
-    this sandbox's processes only, not those of every sandbox using uid 65534. The
-    parent writes the maps (while /proc is still writable), makes the filesystem
-    read-only and lets the child go on; it returns the child's pid (0 in the child). It
-    owns the mount namespace, so the child, without capabilities there, cannot undo the
-    mounts.
-    """
-    to_parent_r, to_parent_w = os.pipe()
-    to_child_r, to_child_w = os.pipe()
-    pid = os.fork()
-    after_fork(pid)
-    if pid == 0:
-        os.close(to_parent_r)
-        os.close(to_child_w)
-        rc = libc.unshare(_CLONE_NEWUSER)
-        errno = ctypes.get_errno()
-        os.write(to_parent_w, b"1" if rc == 0 else b"0")
-        os.close(to_parent_w)
-        if rc != 0:
-            raise OSError(errno, "unshare(CLONE_NEWUSER): " + os.strerror(errno))
-        if os.read(to_child_r, 1) != b"1":
-            raise OSError("the namespace init failed to set up the sandbox")
-        os.close(to_child_r)
-        return 0
-    os.close(to_parent_w)
-    os.close(to_child_r)
-    go = b"0"
-    try:
-        if os.read(to_parent_r, 1) == b"1":  # else the child reports its own error
-            for name in ("uid_map", "gid_map"):
-                with open(f"/proc/{pid}/{name}", "w") as f:
-                    f.write(f"{ident} {ident} 1\n")
-            _isolate_filesystem(ctypes, libc, setup)
-            go = b"1"
-    finally:
-        os.write(to_child_w, go)
-        os.close(to_child_w)
-    return pid
 
 
 def _load(sources, name):
@@ -243,8 +204,13 @@ def _evaluate(sources, tests, channel_fds, pid, emit):
     try:
         hello = channel.receive() if started.get("started") is True else {}
     except evaluator.CandidateGone as exc:
-        emit(kind="program", ok=False, error=wire.short(str(exc)) + " before the tests ran",
-             memory=False, reason=exc.reason)
+        emit(
+            kind="program",
+            ok=False,
+            error=wire.short(str(exc)) + " before the tests ran",
+            memory=False,
+            reason=exc.reason,
+        )
         return
     kind = hello.get("hello")
     error = wire.short(str(hello.get("error")))
@@ -256,8 +222,7 @@ def _evaluate(sources, tests, channel_fds, pid, emit):
         emit(kind="program", ok=True)
         evaluator.run_tests(tests, channel, hello.get("names"), emit)
     else:
-        emit(kind="program", ok=False, error="the candidate broke the channel protocol",
-             memory=False, reason="crashed")
+        emit(kind="program", ok=False, error="the candidate broke the channel protocol", memory=False, reason="crashed")
     os.close(request_fd)  # the candidate's server sees EOF, flushes its output and exits
     if channel.gone is None:
         _reap(pid, reply_fd, 0.5)
@@ -376,6 +341,17 @@ def _capture(read_fd, pid, cap, pid_ns):
     return bytes(data[:cap]), overflow, status
 
 
+def _io_child_setup(setup, ready_w):
+    """In an io child: become the candidate, then say so on ``ready_w``; never fails silently."""
+    try:
+        _become_candidate(setup)
+    except BaseException as exc:
+        os.write(2, ("sandbox setup failed: " + wire.short(repr(exc)) + "\n").encode())
+        os._exit(_EXIT_SETUP_FAILED)
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+
+
 def _run_io(program, inputs, emit, result_fd, setup, cap, child_limits):
     try:
         code = compile(program, "<program>", "exec")
@@ -383,17 +359,26 @@ def _run_io(program, inputs, emit, result_fd, setup, cap, child_limits):
         emit(kind="syntax", error=wire.describe(exc, "<program>", program))
         return
     for index, text in enumerate(inputs):
-        in_fd = _stdin_fd(text.encode("utf-8"), setup["workdir"])
+        in_fd = _stdin_fd(text.encode("utf-8", "surrogatepass"), setup["workdir"])
         read_fd, write_fd = os.pipe()
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(result_fd)
             os.close(read_fd)
+            os.close(ready_r)
+            _io_child_setup(setup, ready_w)
             os.dup2(in_fd, 0)
             os.dup2(write_fd, 1)
             _child_main(code, program, child_limits)
         os.close(write_fd)
         os.close(in_fd)
+        os.close(ready_w)
+        ready = os.read(ready_r, 1)
+        os.close(ready_r)
+        if ready != b"1":  # before any user code: the sandbox's fault, not the program's
+            emit(kind="setup_error", error="the candidate process failed to start")
+            os._exit(_EXIT_SETUP_FAILED)
         out, overflow, status = _capture(read_fd, pid, cap, setup["pid_ns"])
         cap -= len(out)
         if os.WIFEXITED(status):
@@ -448,7 +433,7 @@ def main():
         # In io mode the file-size cap waits for the child, so that the harness can put
         # a stdin bigger than the cap into its memfd.
         child_limits = {"RLIMIT_FSIZE": limits.pop("RLIMIT_FSIZE")} if mode == "io" else {}
-        role, pid = _setup(payload["setup"], limits, split, open_channel, after_fork)
+        role, pid = _setup(payload["setup"], limits, split, open_channel, after_fork, sources)
     except BaseException as exc:
         message = wire.short(f"{type(exc).__name__}: {exc}")
         if secret.get("candidate"):  # no result channel here: the evaluator reports it
@@ -466,8 +451,9 @@ def main():
     if role == "evaluator":
         _evaluate(sources, secret["tests"], (ends["request_w"], ends["reply_r"]), pid, emit)
     else:
-        _run_io(payload["program"], secret["tests"], emit, result_fd, payload["setup"],
-                payload["output_cap"], child_limits)
+        _run_io(
+            payload["program"], secret["tests"], emit, result_fd, payload["setup"], payload["output_cap"], child_limits
+        )
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -128,6 +128,13 @@ class _Server:
         try:
             data = wire.encode(value)
         except wire.NotData as exc:
+            served = "iterator" if hasattr(_type(value), "__next__") else ("callable" if _callable(value) else None)
+            if served is not None:  # a generator or a function: served back through a proxy
+                key = str(len(self.handles))
+                self.handles[key] = value
+                message = {"id": ident, "handle": key, "type": wire.type_name(value), "served": served}
+                message.update(extra)
+                return message
             message = {"id": ident, "notdata": str(exc)}
         else:
             message = {"id": ident, "value": data}
