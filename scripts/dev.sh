@@ -48,6 +48,15 @@ setup() {
     fi
     echo "$want" >"$stamp"
   fi
+  # The code sandbox's system-call filter is built with libseccomp's Python binding, a
+  # system package (verifiers/sandbox_seccomp.py); as root, install it when it is missing.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+      && ! compgen -G "/usr/lib/python3/dist-packages/seccomp*.so" >/dev/null; then
+    echo "[rlvr] installing python3-seccomp (apt)" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-seccomp \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-seccomp; }
+    } >/dev/null 2>&1 || echo "[rlvr] could not install python3-seccomp: the code sandbox runs without its system-call filter" >&2
+  fi
   # DeepSpeed compiles a C++ op on first use; keep it out of the repo and reuse it.
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/rlvr/torch_extensions}"
   export PATH="$venv/bin:$PATH"
