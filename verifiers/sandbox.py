@@ -3,99 +3,69 @@
 Each run starts a fresh interpreter (``python -I -S``: no site-packages, no ``PYTHON*``
 variables) that executes ``sandbox_harness.py``. The harness sets up isolation, runs the
 program (against assert strings, or once per stdin string) and reports on a private pipe.
-This module only spawns, reads with caps, kills and parses; scoring lives in ``code.py``.
+This module plans, spawns, reads with caps, kills and parses; scoring lives in ``code.py``.
 
-Assert tests never run in the candidate's interpreter. The harness splits into two
-processes: the *evaluator*, which alone holds the result pipe, the run's nonce and the
-tests, and which never executes a line of the program; and the *candidate*, which runs the
-program and serves calls of its top-level functions and classes over a pipe pair. The
-evaluator runs each test with its own builtins and modules, where the candidate's names
-are proxies, and rebuilds every reply as exact built-in types (``sandbox_wire.py``: no
-pickle, no objects, only None/bool/int/float/complex/str/bytes and tuples, lists, sets,
-frozensets and dicts of them). An ``__eq__`` that returns True, an int subclass, a patched
-``math.isclose`` or ``builtins.sorted``, or a frame walk in search of the nonce therefore
-decides nothing: see ``sandbox_evaluator.py`` for exactly what a test may and may not do.
-The candidate holds no capability over the evaluator, which is non-dumpable (its /proc
-files and memory are closed even to a process with the same uid); per level below.
-Stdin/stdout tests run the program in forked children without the result pipe, and the
-expected output never enters the sandbox.
+Assert tests never run in the candidate's interpreter. The harness splits into the
+*evaluator*, which alone holds the result pipe, the run's nonce and the tests and never
+executes a line of the program, and the *candidate*, which runs the program and serves
+calls of its top-level names over a pipe pair. The evaluator runs each test with its own
+builtins and modules, where the candidate's names are proxies, and rebuilds every reply as
+exact built-in types (``sandbox_wire.py``); ``sandbox_evaluator.py`` says exactly what a
+test may do. Stdin/stdout tests run the program in forked candidates without the result
+pipe, and the expected output never enters the sandbox.
 
-Isolation levels (picked once per process by a probe run, see :func:`isolation_level`;
-``RLVR_SANDBOX_ISOLATION`` forces one, ``RLVR_SANDBOX_PYTHON`` picks the interpreter):
+Levels (``namespaces`` unless ``RLVR_SANDBOX_ISOLATION`` or ``isolation=`` asks for a
+weaker one; a weaker level is never picked silently: it is named, with what it leaves
+open, in a warning and in ``scripts/verify.py``'s summary; see ``sandbox_levels.py``):
 
-``namespaces`` (caller is root, ``unshare`` works; the level used on the project machines)
-    ``unshare --net --pid --mount --ipc --uts --fork --kill-child --mount-proc``. The
-    program sees no network (only a down loopback), its own PID space and /proc. The
-    harness is PID 1 there and stays root; it remounts the whole filesystem read-only
-    and nosuid (recursively, ``mount_setattr``), mounts fresh size-capped tmpfs on /tmp
-    (the scratch dir, cwd and HOME) and /dev/shm, and forks the process that runs the
-    program (for assert tests PID 1 is then the evaluator, for stdin tests it waits). That
-    child enters its own user namespace in which only uid/gid 65534
-    (nobody) is mapped, drops to it (no supplementary groups, ``no_new_privs``), so it
-    has no capability anywhere, cannot touch the mounts, cannot signal PID 1, and no
-    setuid binary gives root back. Because the user namespace is per run, RLIMIT_NPROC
-    counts this sandbox's processes only (the kernel charges processes per user
-    namespace), so concurrent sandboxes do not share one budget. When PID 1 exits or is
-    killed, the kernel kills everything left in the namespace and the tmpfs vanish.
-``user-namespaces`` (caller is not root but may create user namespaces)
-    The same, inside ``unshare --user --map-root-user``; no uid drop (only one uid is
-    mapped), so on the host the program has the caller's uid, but it cannot write any
-    file (read-only mounts) nor see or signal any process outside its PID namespace. For
-    assert tests the candidate gets a user namespace below PID 1's (uid 0 mapped to 0), so
-    its capabilities end at its own namespace and do not reach the evaluator (PID 1).
-    RLIMIT_NPROC counts all of the caller's processes (and does not apply at all if the
-    caller is root, which is why root uses ``namespaces``).
-``process-group`` (fallback)
-    A new session (``setsid``) with the same rlimits, a fresh ``mkdtemp`` scratch dir as
-    cwd and HOME, and SIGKILL to the whole process group when the run ends. As root it
-    also drops to uid 65534 (the scratch dir is chowned to it). A keeper process sits
-    between the caller and the program so that a naive ``os.kill(os.getppid(), 9)``
-    does not hit the caller. For assert tests the candidate is forked after the uid drop,
-    so it shares the evaluator's uid; the evaluator is non-dumpable, so the candidate can
-    neither read its memory nor open its fds, but it can signal it (the verdict is then
-    "crashed", never a pass). Network, filesystem and processes are NOT isolated.
+``namespaces`` (root; the level of the project machines)
+    ``unshare --net --pid --mount --ipc --uts``. PID 1 (the harness, root) joins the run's
+    cgroup, builds an **empty root** (``sandbox_fs.py``, ``sandbox_confine.py``): read-only
+    binds of the interpreter, its standard library and the folders of the shared
+    libraries it loads, ``/dev/{null,zero,urandom}``, its own ``/proc``, and tmpfs
+    ``/tmp`` and ``/dev/shm`` of ``scratch_bytes`` (64 MiB) each; then ``pivot_root``. No
+    other host file is visible: no dataset, test file, home folder or token
+    (``RLVR_SANDBOX_PATHS`` adds paths, e.g. a site-packages for numpy). Each candidate
+    becomes host uid ``RLVR_SANDBOX_UID`` (65533; unprivileged, so what it uses is charged
+    to it, not to root), enters its own user namespace, drops every capability, sets
+    ``no_new_privs`` and loads a libseccomp filter (``sandbox_seccomp.py``: no mount, no
+    new namespace, no setns, keyctl, bpf, ptrace, perf_event_open, inotify, ...). The
+    evaluator runs as uid 65534 with CAP_KILL only, ignores signals, and is non-dumpable,
+    so the candidate can neither signal it nor read its memory. The run's **cgroup**
+    (``sandbox_cgroup.py``) caps the whole run: ``sandbox_memory_bytes`` (1 GiB, tmpfs and
+    shared memory included, no swap), ``max_processes`` (64, ``pids.max``) and ``cpus``
+    (1.0 CPU, CFS quota); the time limit counts the run's **own CPU time** (a busy
+    neighbour cannot time out an honest program), with a wall-clock backstop of 4x for a
+    program that sleeps. Where no cgroup can be made this is said once (a warning) and
+    memory, processes and CPU are capped per process only, with a wall-clock limit.
+``user-namespaces`` (asked for; any user allowed to create user namespaces)
+    The same inside ``unshare --user --map-root-user``: empty root, no capability, filter.
+    Not isolated: the candidate has the caller's uid on the host (its processes count
+    against the caller's limits, RLIMIT_NPROC included); no cgroup unless one is delegated
+    (``RLVR_SANDBOX_CGROUP``), so the caps are per process and the limit is wall-clock.
+``process-group`` (asked for; isolates nothing)
+    A new session, a scratch dir from ``mkdtemp``, the rlimits, SIGKILL to the group at the
+    end; as root both roles drop to uid 65534. The program sees the network, every file
+    its uid can read, other processes of its uid; children that ``setsid`` away survive.
 
-Cost: about 18 ms of CPU per run with namespaces (interpreter start-up dominates; the
-mount namespace teardown adds ~10 ms of latency but no CPU), so threads overlap well:
-``verify_code_batch`` from 8 threads did ~78 trivial programs/s on this 2-core machine
-while other jobs kept it loaded (load average ~6). The evaluator/candidate split costs
-about as much CPU as it saves by sending the harness precompiled (same bytecode magic),
-plus ~70 us per call of the candidate: ~28 ms of CPU per run before and after, and
-HumanEval's 164 canonical solutions at 46-51 verdicts/s before and 49-53 after, measured
-side by side at load average 6-7 (``scripts/bench_verifiers.py --only humaneval``).
+Always: environment reduced to PATH, LANG and HOME; rlimits per process on CPU seconds
+(timeout + 2), address space (``memory_bytes``, 1 GiB), file size (16 MiB), open files
+(256), no core files; stdout, stderr (1 MiB each) and the result pipe read with caps
+(overflow kills the run); every process of a namespaced run is gone when
+:func:`run_in_sandbox` returns (the caller SIGKILLs the namespace's init and waits for
+``unshare``, which exits after the kernel has torn the namespace down), and its cgroup
+is removed.
 
-Always: environment reduced to PATH, LANG and HOME; rlimits on CPU seconds, address space
-(RLIMIT_AS), file size, processes and open files; stdout, stderr and the result pipe read
-with caps (overflow kills the run); a wall-clock deadline enforced by the caller (never
-``signal.alarm``, so any thread and asyncio's ``to_thread`` work). With namespaces, every
-process the program started is gone when :func:`run_in_sandbox` returns: the caller
-SIGKILLs the namespace's init and waits for ``unshare``, which exits only after the kernel
-has torn the namespace down.
+Not isolated at any level: the kernel (a kernel exploit is out of scope: no VM);
+filesystem Unix sockets reachable through bound paths (none are bound by default); what
+the candidate returns is its own business, so a program that special-cases the inputs it
+is called with is not caught; the evaluator runs the tests' own code (trusted input) with
+the sandbox's mounts and limits.
 
-What is NOT isolated, at any level:
-
-- Same kernel: this is no boundary against kernel exploits; no seccomp filter.
-- Reading: the program can read every world-readable file on the machine.
-- CPU and memory are capped per process (RLIMIT_CPU, RLIMIT_AS), not per sandbox; up to
-  max_processes processes can each use them. No cgroup. Outside ``namespaces`` the
-  process count is per uid, so it is shared with the caller's other processes
-  (``user-namespaces``) or with concurrent root-fallback sandboxes (``process-group``).
-- Unix sockets on the filesystem (as opposed to abstract ones) are reachable when their
-  permissions allow "other"; a network namespace does not cover them.
-- What the candidate returns is its own business: the evaluator can only check the data
-  it gets back, so a program that special-cases the test inputs it is called with (it
-  sees the arguments, never the expected values) is not caught. Helper functions that a
-  HumanEval prompt defines (``encode_cyclic`` next to ``decode_cyclic``) are candidate
-  code too, and tests call them through the channel like the entry point.
-- The evaluator runs the tests' own code with the sandbox's mounts, uid and rlimits but
-  outside the candidate's user namespace (PID 1 at the namespace levels): tests are
-  trusted input, not model output, and nothing but plain data reaches them.
-- ``process-group`` only: network, other processes of the same uid, world-writable paths
-  (/tmp, /dev/shm), and children that ``setsid`` away from the group (they survive).
-  Without root the program runs as the caller's uid, so it can write whatever the caller
-  can, the interpreter's own library included where the caller owns it (a later run's
-  evaluator would import what it wrote), and read the caller's memory where ptrace rules
-  allow: this level is a fallback, not a boundary.
+Cost (``scripts/bench_verifiers.py --only code,humaneval``, 2 cores, load 2-5, side by
+side with the previous sandbox): 67-69 trivial programs/s (was 73-80) and HumanEval's 164
+canonical solutions at 50-58 verdicts/s (was 69-79): mounts, cgroup and the user
+namespace of each candidate add a few ms of CPU per run.
 """
 
 from __future__ import annotations
