@@ -279,6 +279,30 @@ def _setup(
     }
 
 
+def _payload(backend: Backend, mode: str, program: str, limits: SandboxLimits, setup: dict) -> dict[str, Any]:
+    """Return what the harness reads first: mode, program, its helper modules, rlimits, setup."""
+    rlimits = {
+        "RLIMIT_CPU": int(limits.timeout) + 2,
+        "RLIMIT_AS": limits.memory_bytes,
+        "RLIMIT_FSIZE": limits.max_file_bytes,
+        "RLIMIT_NPROC": limits.max_processes,
+        "RLIMIT_NOFILE": limits.max_open_files,
+        "RLIMIT_CORE": 0,
+    }
+    if setup["cgroup_procs"]:
+        # pids.max caps the run. RLIMIT_NPROC would count every process of the sandbox
+        # uid across all concurrent runs: each user namespace is charged to its owner.
+        del rlimits["RLIMIT_NPROC"]
+    return {
+        "mode": mode,
+        "program": program,
+        "modules": _harness(backend.python)[1],
+        "output_cap": limits.max_output_bytes,
+        "limits": rlimits,
+        "setup": setup,
+    }
+
+
 def _run(backend: Backend, mode: str, program: str, tests: list[str], limits: SandboxLimits) -> SandboxRun:
     start = time.monotonic()
     namespaced = backend.namespaced
@@ -297,25 +321,7 @@ def _run(backend: Backend, mode: str, program: str, tests: list[str], limits: Sa
         # The nonce and the tests travel apart from the program: only the process that
         # reports reads them, after the candidate process has split off (asserts mode).
         secret = {"nonce": nonce, "tests": list(tests)}
-        payload = {
-            "mode": mode,
-            "program": program,
-            "modules": _harness(backend.python)[1],
-            "output_cap": limits.max_output_bytes,
-            "limits": {
-                "RLIMIT_CPU": int(limits.timeout) + 2,
-                "RLIMIT_AS": limits.memory_bytes,
-                "RLIMIT_FSIZE": limits.max_file_bytes,
-                "RLIMIT_NPROC": limits.max_processes,
-                "RLIMIT_NOFILE": limits.max_open_files,
-                "RLIMIT_CORE": 0,
-            },
-            "setup": _setup(backend, workdir, limits, cgroup),
-        }
-        if cgroup is not None:
-            # pids.max caps the run. RLIMIT_NPROC would count every process of the sandbox
-            # uid across all concurrent runs: each user namespace is charged to its owner.
-            del payload["limits"]["RLIMIT_NPROC"]
+        payload = _payload(backend, mode, program, limits, _setup(backend, workdir, limits, cgroup))
         result_cap = 64 * 1024 + _RECORD_OVERHEAD * len(tests)
         if mode == "io":  # stdout travels as repr(bytes): up to 4 chars per byte
             result_cap += 4 * limits.max_output_bytes
