@@ -9,7 +9,7 @@ from rlvr.trainer.algorithm.advantages import SCALES, turn_advantages
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.chat import encode_chat
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs
-from rlvr.trainer.algorithm.losses import make_loss_fn
+from rlvr.trainer.algorithm.losses import LossInputs, Objective, make_loss_fn
 from rlvr.trainer.algorithm.rollout import Episode
 from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.trainer.engines.torch_learner import TorchLearner
@@ -166,3 +166,40 @@ def test_a_batch_with_nothing_to_train_is_skipped(tokenizer):
     metrics = _learner(model).step(batch)
     assert metrics["skipped"] == 1.0
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_an_entropy_bonus_raises_the_policy_entropy_where_rewards_teach_nothing(tokenizer):
+    # Equal rewards: zero advantages, so the bonus is the only gradient. Without it nothing
+    # moves (first test above); with it the entropy of the trained positions rises step by step.
+    model = _model(tokenizer)
+    with torch.no_grad():  # a peaked policy (random init is near the uniform's maximum entropy)
+        model.get_output_embeddings().weight.mul_(5.0)
+    batch = _batch(tokenizer, model, [[1.0] * GROUP, [0.0] * GROUP])
+    objective = Objective(
+        stale=make_loss_fn(entropy_coef=1.0), on_policy=make_loss_fn(entropy_coef=1.0), needs_entropy=True
+    )
+    learner = TorchLearner(model, objective, learning_rate=1e-3)
+    entropies = [learner.step(batch)["entropy"] for _ in range(4)]
+    assert all(b > a for a, b in zip(entropies, entropies[1:])), entropies
+    with pytest.raises(ValueError, match="needs LossInputs.entropy"):
+        TorchLearner(_model(tokenizer), make_loss_fn(entropy_coef=1.0), learning_rate=1e-2).step(batch)
+
+
+def test_the_entropy_bonus_is_minus_coef_times_the_aggregated_entropy():
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.float64)
+    adv = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    entropy = torch.rand(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    for aggregation in ("token", "sequence"):
+        base = make_loss_fn(aggregation=aggregation)(LossInputs(logp, logp, logp, adv, mask)).loss
+        with_bonus = make_loss_fn(aggregation=aggregation, entropy_coef=0.3)(
+            LossInputs(logp, logp, logp, adv, mask, entropy=entropy)
+        ).loss
+        if aggregation == "token":
+            want = base - 0.3 * (entropy * mask).sum() / mask.sum()
+        else:
+            want = base - 0.3 * ((entropy * mask).sum(-1) / mask.sum(-1)).mean()
+        assert with_bonus.item() == pytest.approx(want.item(), rel=1e-12)
+        (grad,) = torch.autograd.grad(with_bonus, entropy)
+        assert (grad[mask == 0] == 0).all() and (grad[mask > 0] < 0).all()

@@ -118,6 +118,9 @@ class TrainConfig:
     length-normalised ratio clipped per sequence, Zheng et al. 2025; pair it with a small
     epsilon and --aggregation sequence), 'cispo' (the clipped ratio as a weight without
     gradient times log pi, MiniMax-M1 2025). Combines with every --objective."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the loss (-coef * the aggregated per-token entropy of the
+    policy): counters entropy collapse; 0 (the default) adds nothing and computes nothing."""
     num_iterations: int = 1
     """Optimizer steps per generation batch, each against the stored old log-probabilities."""
     mask_truncated: bool = False
@@ -234,6 +237,7 @@ class TrainConfig:
             ),
             ("aggregation", self.aggregation in AGGREGATIONS, f"must be one of {sorted(AGGREGATIONS)}"),
             ("policy_loss", self.policy_loss in SURROGATES, f"must be one of {list(SURROGATES)}"),
+            ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
             ("num_iterations", self.num_iterations >= 1, "must be >= 1"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),

@@ -64,9 +64,7 @@ class Generator(Protocol):
 
     version: int
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
-    ) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         """Return ``n`` completions for each prompt (prompt token ids), in prompt order."""
         ...
 

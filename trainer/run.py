@@ -196,4 +196,3 @@ class RunShell:
         if self.writer is not None:
             self.writer.close()
         self.bar.close()
-

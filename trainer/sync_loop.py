@@ -138,9 +138,7 @@ def _setup(config: TrainConfig) -> _Run:
     logger.info("generator: %s (%s); learner: %s, %d rank(s)", choice.kind, choice.reason, config.learner, world)
     # A torch learner and the transformers generator on one device share the model object: no weight copy.
     shared = model if choice.kind == "transformers" and config.learner == "torch" else None
-    player = Player.build(
-        config, device, envs=envs, tokenizer=tokenizer, model=shared, threads=config.torch_threads
-    )
+    player = Player.build(config, device, envs=envs, tokenizer=tokenizer, model=shared, threads=config.torch_threads)
     if shared is None:
         player.generator.version = learner.version  # its own copy of the weights the learner starts from
     return _Run(tokenizer=tokenizer, learner=learner, player=player, evaluate=training_eval(config))

@@ -97,6 +97,9 @@ class LossInputs:
     """Sequences in the whole optimizer batch (defaults to B: no micro-batching)."""
     num_tokens: int | None = None
     """Trainable tokens in the whole optimizer batch (defaults to ``loss_mask.sum()``)."""
+    entropy: Tensor | None = None
+    """[B, T] entropy of pi_theta's next-token distribution (carries grad); needed only with an
+    entropy bonus (``Objective.needs_entropy``)."""
 
     def __post_init__(self) -> None:
         if self.num_sequences is None:
@@ -186,10 +189,13 @@ def grpo_loss(
     aggregate: Aggregator,
     constant: float,
     surrogate: SurrogateFn = clipped_surrogate,
+    entropy_coef: float = 0.0,
 ) -> LossOutputs:
-    """``agg(L^surrogate + beta * k3)`` with the ratio taken against ``old_logprobs`` (see module doc).
+    """``agg(L^surrogate + beta * k3) - entropy_coef * agg(H)`` with the ratio taken against ``old_logprobs``.
 
-    ``surrogate`` is the policy loss per token (``surrogates.py``: clip, GSPO, CISPO).
+    ``surrogate`` is the policy loss per token (``surrogates.py``: clip, GSPO, CISPO). The
+    entropy bonus rewards a spread-out next-token distribution, against the entropy collapse
+    that ends exploration (aggregated like the policy loss, so micro-batches still add up).
     """
     mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
     n_seq, n_tok = int(inputs.num_sequences or 0), int(inputs.num_tokens or 0)
@@ -201,6 +207,12 @@ def grpo_loss(
         per_token_kl = k3_kl(inputs.logprobs, inputs.ref_logprobs)  # [B, T]
         loss = loss + beta * aggregate(per_token_kl, mask, n_seq, n_tok, constant)
         kl = _masked_mean(per_token_kl.detach(), mask)
+    if entropy_coef:
+        if inputs.entropy is None:
+            raise ValueError(
+                "an entropy bonus needs LossInputs.entropy (build the learner with Objective.needs_entropy)"
+            )
+        loss = loss - entropy_coef * aggregate(inputs.entropy, mask, n_seq, n_tok, constant)
     with torch.no_grad():
         behavior_kl = _masked_mean(k3_kl(inputs.old_logprobs, inputs.behavior_logprobs), mask)
         return LossOutputs(
@@ -228,6 +240,8 @@ class Objective:
 
     stale: LossFn
     on_policy: LossFn
+    needs_entropy: bool = False
+    """The loss reads ``LossInputs.entropy`` (an entropy bonus): the learner computes it with grad."""
 
     @classmethod
     def of(cls, loss: LossFn | Objective) -> Objective:
@@ -371,6 +385,7 @@ def make_loss_fn(
     is_mode: str = "truncate",
     on_policy: bool = False,
     policy_loss: str = "clip",
+    entropy_coef: float = 0.0,
 ) -> LossFn:
     """Pick the objective and aggregation by name, once, and bind the knobs.
 
@@ -381,7 +396,7 @@ def make_loss_fn(
     ``on_policy`` builds the loss of batches sampled by the weights being learned from
     (see the module docstring): for them every objective is GRPO's. ``policy_loss`` names
     the per-token surrogate (``surrogates.SURROGATES``: clip, GSPO, CISPO), which every
-    objective uses.
+    objective uses. ``entropy_coef`` weighs an entropy bonus (0: none).
     """
     for name, value, table in (
         ("objective", objective, OBJECTIVES),
@@ -401,6 +416,7 @@ def make_loss_fn(
         "aggregate": AGGREGATIONS[aggregation],
         "constant": constant,
         "surrogate": SURROGATES[policy_loss],
+        "entropy_coef": entropy_coef,
     }
     if objective in _WEIGHTED_OBJECTIVES:
         knobs["weigh"] = functools.partial(

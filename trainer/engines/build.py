@@ -169,7 +169,11 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
 
 def build_objective(config: TrainConfig) -> Objective:
     """Return the run's objective (``config.objective_name``): its loss for stale and for on-policy batches."""
-    return Objective(stale=build_loss_fn(config), on_policy=build_loss_fn(config, on_policy=True))
+    return Objective(
+        stale=build_loss_fn(config),
+        on_policy=build_loss_fn(config, on_policy=True),
+        needs_entropy=config.entropy_coef > 0,
+    )
 
 
 def build_loss_fn(config: TrainConfig, on_policy: bool = False) -> LossFn:
@@ -186,6 +190,7 @@ def build_loss_fn(config: TrainConfig, on_policy: bool = False) -> LossFn:
         is_mode=config.is_mode,
         on_policy=on_policy,
         policy_loss=config.policy_loss,
+        entropy_coef=config.entropy_coef,
     )
 
 

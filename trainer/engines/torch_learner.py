@@ -157,16 +157,19 @@ class MicroBatchLearner:
         sums = dict.fromkeys((*_LOSS_METRICS, "loss"), 0.0)
         entropy_sum, tokens = 0.0, 0.0
         micro_batches = list(batch.micro_batches(self.micro_batch_size))
+        bonus = self.objective.needs_entropy  # the loss reads the entropy, with its gradient
         for i, mb in enumerate(micro_batches):
-            if with_entropy:
+            entropy = None
+            if with_entropy or bonus:
                 scored = sequence_logprobs_and_entropy(
                     self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature
                 )
-                logprobs = scored.logprobs  # [b, t-1]
-                entropy_sum += float((scored.entropy.detach() * mb.loss_mask).sum())
+                logprobs, entropy = scored.logprobs, scored.entropy  # [b, t-1] each
+                if with_entropy:
+                    entropy_sum += float((entropy.detach() * mb.loss_mask).sum())
             else:
                 logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
-            out: LossOutputs = loss_fn(_loss_inputs(mb, logprobs))
+            out: LossOutputs = loss_fn(_loss_inputs(mb, logprobs, entropy if bonus else None))
             self._backward(out.loss, last=i == len(micro_batches) - 1)
             n = float(mb.loss_mask.sum().item())
             tokens += n
@@ -307,7 +310,7 @@ def _reduce(name: str, acc: float | None, value: float) -> float:
     return acc + value
 
 
-def _loss_inputs(mb: TrainBatch, logprobs: torch.Tensor) -> LossInputs:
+def _loss_inputs(mb: TrainBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None = None) -> LossInputs:
     return LossInputs(
         logprobs=logprobs,
         # None only with num_iterations == 1: pi_prox is the current policy itself.
@@ -318,4 +321,5 @@ def _loss_inputs(mb: TrainBatch, logprobs: torch.Tensor) -> LossInputs:
         ref_logprobs=mb.ref_logprobs,
         num_sequences=mb.num_sequences,
         num_tokens=mb.num_tokens,
+        entropy=entropy,
     )

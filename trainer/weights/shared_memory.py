@@ -100,9 +100,7 @@ class _Entry:
 class SharedMemoryTransport:
     """A ring of shared-memory slots and a seqlock: implements ``WeightTransport`` on one machine."""
 
-    def __init__(
-        self, template: Mapping[str, torch.Tensor], lock: Any, poll_interval: float = 0.002, slots: int = 2
-    ):
+    def __init__(self, template: Mapping[str, torch.Tensor], lock: Any, poll_interval: float = 0.002, slots: int = 2):
         """Allocate ``slots`` slots (at least 2) shaped like ``template`` (e.g. ``learner.weights_for_generation()``).
 
         ``lock`` is a process-shared lock from the multiprocessing context the generator is
