@@ -123,8 +123,7 @@ def group_advantages(returns: torch.Tensor, scale: ScaleFn, eps: float = 1e-4) -
     """
     if returns.dim() != 2:
         raise ValueError(f"returns must be [num_groups, group_size], got shape {tuple(returns.shape)}")
-    baseline = returns.mean(dim=1, keepdim=True)  # [num_groups, 1]
-    return (returns - baseline) / scale(returns, eps)
+    return (returns - group_mean(returns)) / scale(returns, eps)
 
 
 def turn_advantages(
