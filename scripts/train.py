@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 from rlvr.trainer.bookkeeping.interrupt import StopSignal, raise_stop_signal
 from rlvr.trainer.bookkeeping.metrics import log_to_stderr, read_metrics, summarize_run
 from rlvr.trainer.bookkeeping.trackers import TrackerError, check_trackers
-from rlvr.trainer.config import TrainConfig, config_from_args
+from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.flags import config_from_args
 
 if TYPE_CHECKING:
     from rlvr.trainer.run import TrainResult

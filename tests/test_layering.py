@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("envs", ("rlvr.envs",)),
     ("protocols", ("rlvr.trainer.protocols",)),
     ("algorithm", ("rlvr.trainer.algorithm",)),
-    ("config", ("rlvr.trainer.config",)),
+    ("config", ("rlvr.trainer.config", "rlvr.trainer.flags", "rlvr.trainer.recipes")),
     ("engines, weights", ("rlvr.trainer.engines", "rlvr.trainer.weights")),
     ("bookkeeping", ("rlvr.trainer.bookkeeping",)),
     ("step", ("rlvr.trainer.step",)),

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from rlvr.trainer.config import TrainConfig, config_from_args, config_yaml
+from rlvr.trainer.config import TrainConfig, config_yaml
+from rlvr.trainer.flags import config_from_args
 from rlvr.trainer.run import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]

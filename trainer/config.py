@@ -1,41 +1,36 @@
-"""The one typed config of a GRPO run, and how flags and YAML files fill it.
+"""The one typed config of a GRPO run, validated, and its YAML form.
 
 ``TrainConfig`` is the single source of truth: every field has a docstring (the help text
-of its command-line flag is read from it), values are validated in ``__post_init__`` with
-messages that name the field, and derived quantities (the task cursor, the context limit)
-stay local to the code that needs them instead of being written back here.
+of its command-line flag is read from it, ``flags.py``), values are validated in
+``__post_init__`` with messages that name the field, and derived quantities (the task
+cursor, the context limit) stay local to the code that needs them instead of being written
+back here; the defaults that depend on other fields are properties, resolved here only.
 
-Precedence: defaults < ``--config FILE.yaml`` < command-line flags. YAML keys are the field
-names (``max_steps`` or ``max-steps``); an unknown key is an error that suggests the closest
-field, so a typo never silently trains with a default. ``--print-config`` prints the result
-of all three as YAML (``config_yaml``) and exits; every run writes the same text to
-``OUTPUT_DIR/config.yaml`` at start (``write_config``), and that file is a valid ``--config``.
+How flags, ``--config`` files and ``--recipe`` presets fill it is ``flags.py``'s business;
+every run writes the result to ``OUTPUT_DIR/config.yaml`` at start (``write_config``), and
+that file is a valid ``--config``.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import difflib
-import inspect
-import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rlvr.envs.registry import parse_env_kwargs
 from rlvr.trainer.algorithm.advantages import ESTIMATORS, SCALES
 from rlvr.trainer.algorithm.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
 from rlvr.trainer.algorithm.surrogates import SURROGATES
+from rlvr.trainer.recipes import recipe_names
 
 GENERATORS = ("auto", "transformers", "vllm")
 LEARNERS = ("torch", "deepspeed")
 CLUSTERS = ("ray",)
 WEIGHT_SYNCS = ("auto", "broadcast", "object-store")
+MISMATCH_CORRECTIONS = ("auto", "none", "tis", "mis")
+MISMATCH_LEVELS = ("token", "sequence")
 
 
 class ConfigError(ValueError):
@@ -60,6 +55,10 @@ class TrainConfig:
     """Training steps (one generation batch and its optimizer step(s) each)."""
     seed: int = 0
     """Seeds torch, Python and the task order; the same seed replays the same run."""
+    recipe: str | None = field(default=None, metadata={"choices": tuple(recipe_names())})
+    """A named preset of published settings (grpo, dapo, dr-grpo, gspo, cispo, rloo,
+    reinforce-pp; trainer/recipes/NAME.yaml names each one's paper): its values lie under
+    --config and the flags, which still override them. Absent: rlvr's defaults."""
     device: str = "auto"
     """'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available, else CPU)."""
     torch_threads: int = 2
@@ -125,6 +124,36 @@ class TrainConfig:
     """Optimizer steps per generation batch, each against the stored old log-probabilities."""
     mask_truncated: bool = False
     """Drop episodes with a completion cut at max_new_tokens from the loss (DAPO overlong filter)."""
+
+    # --- what each step learns from (DAPO, Yu et al. 2025)
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards have no spread (all equal: no advantage, nothing to learn)
+    and play more tasks, a round of prompts_per_step groups at a time, until the step holds
+    prompts_per_step informative groups or max_sampling_rounds extra rounds were played.
+    Which extra tasks play is a function of (seed, step), so runs stay reproducible."""
+    max_sampling_rounds: int = 3
+    """With --dynamic-sampling: extra rounds a step may play at most; a step still short
+    learns from the informative groups it has, and its record says so."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: over the last N tokens of max_new_tokens, a model
+    turn's reward falls linearly from 0 to -overlong_penalty (the reward component
+    'overlong', logged like the others); 0 disables."""
+    overlong_penalty: float = 1.0
+    """The punishment of a turn that uses its whole budget (--overlong-buffer)."""
+
+    # --- the gap between the sampling engine and the learner (every mode, stale or not)
+    mismatch_correction: str = field(default="auto", metadata={"choices": MISMATCH_CORRECTIONS})
+    """Weigh each token's loss by the sampler/learner ratio pi_prox/mu: 'tis' truncates it at
+    mismatch_cap (truncated importance sampling), 'mis' masks tokens whose ratio leaves
+    [mismatch_floor, mismatch_cap] (IcePop), 'none' leaves it; 'auto': 'tis' with vLLM, 'none'
+    with the transformers generator, which samples with the learner's own model and numbers.
+    The k3 divergence, the largest ratio and the masked fraction are logged either way."""
+    mismatch_level: str = field(default="token", metadata={"choices": MISMATCH_LEVELS})
+    """The sampler/learner ratio per 'token', or per 'sequence' (the product of its tokens')."""
+    mismatch_cap: float = 2.0
+    """Upper bound of the sampler/learner ratio (--mismatch-correction tis or mis)."""
+    mismatch_floor: float = 0.5
+    """Lower bound of the sampler/learner ratio (--mismatch-correction mis)."""
 
     # --- optimisation
     weight_decay: float = 0.0
@@ -225,7 +254,7 @@ class TrainConfig:
             ("temperature", self.temperature > 0, "must be > 0 (log-probabilities of greedy decoding are undefined)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("learning_rate", self.learning_rate > 0, "must be > 0"),
-            ("epsilon_low", 0 <= self.epsilon_low < 1, "must be in [0, 1)"),
+            ("epsilon_low", 0 <= self.epsilon_low <= 1, "must be in [0, 1] (1: no lower clip)"),
             ("epsilon_high", self.epsilon_high >= 0, "must be >= 0"),
             ("beta", self.beta >= 0, "must be >= 0"),
             ("scale", self.scale in SCALES, f"must be one of {sorted(SCALES)}"),
@@ -239,6 +268,26 @@ class TrainConfig:
             ("policy_loss", self.policy_loss in SURROGATES, f"must be one of {list(SURROGATES)}"),
             ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
             ("num_iterations", self.num_iterations >= 1, "must be >= 1"),
+            ("max_sampling_rounds", self.max_sampling_rounds >= 0, "must be >= 0"),
+            (
+                "overlong_buffer",
+                0 <= self.overlong_buffer <= self.max_new_tokens,
+                f"must be in [0, max_new_tokens] ([0, {self.max_new_tokens}])",
+            ),
+            ("overlong_penalty", self.overlong_penalty >= 0, "must be >= 0"),
+            (
+                "mismatch_correction",
+                self.mismatch_correction in MISMATCH_CORRECTIONS,
+                f"must be one of {list(MISMATCH_CORRECTIONS)}",
+            ),
+            ("mismatch_level", self.mismatch_level in MISMATCH_LEVELS, f"must be one of {list(MISMATCH_LEVELS)}"),
+            ("mismatch_cap", self.mismatch_cap > 0, "must be > 0"),
+            (
+                "mismatch_floor",
+                0 <= self.mismatch_floor < self.mismatch_cap,
+                f"must be in [0, mismatch_cap) ([0, {self.mismatch_cap}))",
+            ),
+            ("recipe", self.recipe is None or self.recipe in recipe_names(), f"must be one of {recipe_names()}"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
@@ -359,70 +408,6 @@ class TrainConfig:
         return max(1, self.torch_threads // 2) if self.torch_threads > 0 else 0
 
 
-def field_docs(cls: type = TrainConfig) -> dict[str, str]:
-    """Return the attribute docstrings of a dataclass (the string after each field), by field name."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def json_object_arg(text: str) -> dict[str, Any]:
-    """Argparse type for a JSON object flag; the one parser is ``rlvr.envs.registry.parse_env_kwargs``."""
-    try:
-        return parse_env_kwargs(text)
-    except ValueError as e:  # argparse shows an ArgumentTypeError's message as is
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Build flags for every ``TrainConfig`` field (``--max-steps`` for ``max_steps``) plus ``--config``.
-
-    Defaults are suppressed so that only flags given on the command line override the file.
-    """
-    parser = argparse.ArgumentParser(
-        description="Train a language model with GRPO on an rlvr environment.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of TrainConfig fields.")
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="Print the resolved configuration (defaults < --config < flags) as YAML and exit.",
-    )
-    # The deepspeed launcher appends --local_rank=N to the script's arguments; the rank is
-    # read from the environment (LOCAL_RANK, which both launchers set), so it is accepted and dropped.
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
-    docs = field_docs()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if f.name == "resume":
-            # A bare --resume means 'auto'.
-            parser.add_argument(flag, nargs="?", const="auto", metavar="DIR|auto|latest", **kwargs)
-        elif f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif f.name in ("env_kwargs", "eval_env_kwargs"):
-            parser.add_argument(flag, type=json_object_arg, metavar="JSON", **kwargs)
-        else:
-            parser.add_argument(flag, type=_FIELD_TYPES.get(str(f.type), str), **kwargs)
-    return parser
-
-
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 _VALUE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (float,),
@@ -432,50 +417,6 @@ _VALUE_TYPES: dict[str, tuple[type, ...]] = {
     "int | None": (int, type(None)),
     "dict[str, Any]": (dict,),
 }
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of field names (``-`` or ``_`` spelling) to values."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(raw).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"config file {path}: unknown field {key!r}{hint}")
-    return values
-
-
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Build and validate the config from ``argv``: defaults < ``--config`` file < flags.
-
-    Exits with a usage error (status 2) naming the bad field, as argparse does for its own;
-    with ``--print-config``, prints the resolved config and exits with status 0, as ``--help`` does.
-    """
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    args.pop("local_rank", None)
-    print_config = args.pop("print_config", False)
-    try:
-        values = load_yaml(args.pop("config")) if "config" in args else {}
-        values.update(args)
-        config = TrainConfig(**values)
-    except (ConfigError, TypeError) as e:
-        parser.error(str(e))
-        raise  # unreachable: parser.error exits
-    if print_config:
-        sys.stdout.write(config_yaml(config))
-        sys.exit(0)
-    return config
 
 
 def config_yaml(config: TrainConfig) -> str:
