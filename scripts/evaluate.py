@@ -24,8 +24,8 @@ from rlvr.envs.registry import RegistryError
 from rlvr.trainer.bookkeeping.evaluation import evaluate, format_table
 from rlvr.trainer.bookkeeping.metrics import log_to_stderr
 from rlvr.trainer.config import GENERATORS
-from rlvr.trainer.flags import json_object_arg
 from rlvr.trainer.engines.build import EngineUnavailable
+from rlvr.trainer.flags import json_object_arg
 from rlvr.trainer.protocols import SamplingParams
 
 

@@ -120,7 +120,7 @@ def known_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def recipe_values(key: str) -> dict[str, Any]:
-    """The settings of recipe ``key`` plus ``recipe: key`` itself; a ConfigError if unknown or malformed."""
+    """Return the settings of recipe ``key`` plus ``recipe: key`` itself; a ConfigError if unknown or malformed."""
     try:
         recipe = load_recipe(key)
     except ValueError as e:

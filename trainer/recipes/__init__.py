@@ -38,7 +38,7 @@ class Recipe:
 
 
 def recipe_names() -> list[str]:
-    """The recipes shipped with rlvr, by ``--recipe`` value."""
+    """Return the recipes shipped with rlvr, by ``--recipe`` value."""
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
