@@ -22,6 +22,7 @@ import yaml
 
 from rlvr.trainer.algorithm.advantages import ESTIMATORS, SCALES
 from rlvr.trainer.algorithm.losses import AGGREGATIONS, IMPORTANCE_CAPS, IMPORTANCE_LEVELS, OBJECTIVES
+from rlvr.trainer.algorithm.mismatch import MISMATCH_CORRECTIONS, MISMATCH_LEVELS
 from rlvr.trainer.algorithm.surrogates import SURROGATES
 from rlvr.trainer.recipes import recipe_names
 
@@ -29,8 +30,6 @@ GENERATORS = ("auto", "transformers", "vllm")
 LEARNERS = ("torch", "deepspeed")
 CLUSTERS = ("ray",)
 WEIGHT_SYNCS = ("auto", "broadcast", "object-store")
-MISMATCH_CORRECTIONS = ("auto", "none", "tis", "mis")
-MISMATCH_LEVELS = ("token", "sequence")
 
 
 class ConfigError(ValueError):

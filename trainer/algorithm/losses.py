@@ -48,11 +48,24 @@ is set to exactly 1 (and ``plain`` takes its ratio against ``pi_prox``): every o
 then GRPO's loss bit for bit, and asynchronous training with staleness bound 0 reproduces
 the synchronous loop exactly. The measured ``pi_prox / mu`` is still logged.
 
+**The sampler/learner mismatch correction** (``mismatch.py``; ``--mismatch-correction``
+'tis', 'mis' or 'none'; 'auto' is resolved per generator before a loss is built) weighs each
+token's policy loss by ``c(pi_prox / mu)``, folded into the advantage like the decoupled
+weight (the KL and entropy terms are not weighted). It weighs every batch whose loss does not
+already account for ``mu``: every batch of ``grpo``, and the on-policy batches of
+``decoupled`` and ``plain``. Their stale batches already do (``decoupled`` weighs by
+``pi_prox / mu``, ``plain`` takes its ratio against ``mu``), and weighing them again would
+count the gap twice. So on a batch at staleness 0 every objective still takes the same loss,
+corrected or not, and the pipeline at ``--max-staleness 0`` still equals the synchronous loop.
+With 'none' the loss is untouched, bit for bit. Its metrics (``mismatch_ratio_max`` /
+``_min``, ``mismatch_truncated_fraction``, ``mismatch_masked_fraction``) are logged with
+every objective, on or off.
+
 Departures from AReaL: the cap may truncate instead of mask (default: truncate at 5;
 AReaL masks tokens beyond an optional cap, none by default); the weight may be per
-sequence; on-policy batches are not reweighted for the sampler/learner mismatch (AReaL
-always applies the weight, which with a different inference engine also corrects that
-mismatch).
+sequence; on-policy batches are not reweighted by the decoupled weight (AReaL always
+applies it, which with a different inference engine also corrects that mismatch): they take
+the mismatch correction above instead, with its own cap and band.
 
 Departures from the GRPO paper: the KL term uses the k3 estimator as the paper does, but
 the ratio clip is asymmetric (``epsilon_low`` / ``epsilon_high``, from DAPO; equal values
@@ -68,6 +81,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlvr.trainer.algorithm.mismatch import CORRECTIONS, MismatchWeights, mismatch_metrics, mismatch_weights
 from rlvr.trainer.algorithm.surrogates import MAX_LOG_RATIO, SURROGATES, SurrogateFn, clipped_surrogate
 
 Tensor = torch.Tensor
@@ -130,9 +144,9 @@ class LossOutputs:
     behavior_kl: Tensor
     """[] mean k3 estimate of KL(pi_prox || mu): how far learner and sampler disagree."""
     extra: dict[str, Tensor] = field(default_factory=dict)
-    """[] diagnostics of objectives beyond GRPO (importance weights), by name. Over micro-
-    batches a name ending in ``_max`` is reduced by max, ``_min`` by min, any other by a
-    token-weighted mean."""
+    """[] further diagnostics by name: the sampler/learner mismatch (every objective) and the
+    importance weights (decoupled, plain). Over micro-batches a name ending in ``_max`` is
+    reduced by max, ``_min`` by min, any other by a token-weighted mean."""
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -370,6 +384,25 @@ OBJECTIVES: dict[str, Callable[..., LossOutputs]] = {
 """Policy objectives by name (see the module docstring); ``TrainConfig.objective`` picks one."""
 
 _WEIGHTED_OBJECTIVES = ("decoupled", "plain")
+"""Objectives whose loss of a stale batch already accounts for mu (no mismatch correction on top)."""
+
+MismatchFn = Callable[[Tensor, Tensor, Tensor], MismatchWeights]
+
+
+def mismatch_corrected_loss(inputs: LossInputs, *, loss: LossFn, measure: MismatchFn, correct: bool) -> LossOutputs:
+    """``loss`` with each token's advantage times the mismatch correction's weight (``correct``), plus its metrics.
+
+    ``correct`` is fixed at setup (module docstring: the batches whose loss does not account
+    for mu yet, and not 'none'); without it the inputs reach ``loss`` as they came, so the
+    numbers are the uncorrected loss's bit for bit, and only the metrics are added.
+    """
+    mask = inputs.loss_mask.to(inputs.logprobs.dtype)  # [B, T]
+    weights = measure(inputs.old_logprobs, inputs.behavior_logprobs, mask)
+    if correct:
+        inputs = dataclasses.replace(inputs, advantages=inputs.advantages * weights.weight)
+    out = loss(inputs)
+    out.extra = {**out.extra, **mismatch_metrics(weights, mask)}
+    return out
 
 
 def make_loss_fn(
@@ -386,6 +419,10 @@ def make_loss_fn(
     on_policy: bool = False,
     policy_loss: str = "clip",
     entropy_coef: float = 0.0,
+    mismatch_correction: str = "none",
+    mismatch_level: str = "token",
+    mismatch_cap: float = 2.0,
+    mismatch_floor: float = 0.5,
 ) -> LossFn:
     """Pick the objective and aggregation by name, once, and bind the knobs.
 
@@ -396,7 +433,9 @@ def make_loss_fn(
     ``on_policy`` builds the loss of batches sampled by the weights being learned from
     (see the module docstring): for them every objective is GRPO's. ``policy_loss`` names
     the per-token surrogate (``surrogates.SURROGATES``: clip, GSPO, CISPO), which every
-    objective uses. ``entropy_coef`` weighs an entropy bonus (0: none).
+    objective uses. ``entropy_coef`` weighs an entropy bonus (0: none). ``mismatch_*`` choose
+    the sampler/learner correction (``mismatch.py``; already resolved: 'none', 'tis' or 'mis'),
+    applied to the batches the module docstring names; its metrics are logged in any case.
     """
     for name, value, table in (
         ("objective", objective, OBJECTIVES),
@@ -404,11 +443,15 @@ def make_loss_fn(
         ("is_level", is_level, IMPORTANCE_LEVELS),
         ("is_mode", is_mode, IMPORTANCE_CAPS),
         ("policy_loss", policy_loss, SURROGATES),
+        ("mismatch_correction", mismatch_correction, CORRECTIONS),
+        ("mismatch_level", mismatch_level, IMPORTANCE_LEVELS),
     ):
         if value not in table:
             raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(table)}")
     if is_cap <= 0:
         raise ValueError(f"is_cap must be > 0, got {is_cap}")
+    if not 0 <= mismatch_floor < mismatch_cap:
+        raise ValueError(f"need 0 <= mismatch_floor < mismatch_cap, got {mismatch_floor} and {mismatch_cap}")
     knobs: dict[str, object] = {
         "epsilon_low": epsilon_low,
         "epsilon_high": epsilon_high,
@@ -423,4 +466,17 @@ def make_loss_fn(
             importance_weights, level=IMPORTANCE_LEVELS[is_level], cap_fn=IMPORTANCE_CAPS[is_mode], cap=is_cap
         )
         knobs["on_policy"] = on_policy
-    return functools.partial(OBJECTIVES[objective], **knobs)
+    measure = functools.partial(
+        mismatch_weights,
+        level=IMPORTANCE_LEVELS[mismatch_level],
+        correct=CORRECTIONS[mismatch_correction],
+        cap=mismatch_cap,
+        floor=mismatch_floor,
+    )
+    accounts_for_mu = objective in _WEIGHTED_OBJECTIVES and not on_policy
+    return functools.partial(
+        mismatch_corrected_loss,
+        loss=functools.partial(OBJECTIVES[objective], **knobs),
+        measure=measure,
+        correct=mismatch_correction != "none" and not accounts_for_mu,
+    )

