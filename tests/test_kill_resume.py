@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--env", "arithmetic", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
          "--no-progress", "--torch-threads", "2", "--max-steps", "5", "--checkpoint-every", "2",
          "--samples-every", "0"]  # fmt: skip
-# Wall-clock figures differ between any two runs; everything else must not.
-TIMING = ("time/", "tokens_per_second", "generation_tokens_per_second", "async/")
+# Wall-clock figures and memory peaks differ between any two runs; everything else must not.
+TIMING = ("time/", "tokens_per_second", "generation_tokens_per_second", "async/", "memory/")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 

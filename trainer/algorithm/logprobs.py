@@ -16,12 +16,18 @@ Two things trainers get silently wrong, and what this module does about them:
   relative positions matter) but not bit-for-bit, and with absolute position
   embeddings it is simply wrong. We pass ``position_ids = cumsum(mask) - 1`` so every
   row starts at position 0, exactly as the generator numbers them.
-* **Memory.** The logits of a batch are ``[B, T, V]``; with a 150k vocabulary that is
-  the largest tensor in training. We run the model body once to get hidden states and
-  apply the LM head chunk by chunk over valid positions only, keeping just the gathered
-  log-probability (and entropy). With autograd on, each chunk runs under activation
-  checkpointing, so the backward pass recomputes a chunk's logits instead of keeping
-  every chunk's ``[chunk, V]`` softmax alive.
+* **Memory and time.** The logits of a batch are ``[B, T, V]``; with a 150k vocabulary
+  that is the largest tensor in training. We run the model body once to get hidden
+  states, gather the rows of the positions asked for (``positions``: the learner passes
+  its loss mask, so the prompt, the environment's messages and padding never reach the
+  head; by default every real target), and apply the LM head chunk by chunk over those
+  rows only, keeping just the gathered log-probability (and entropy). On the
+  ``arithmetic`` workload 27 of 30 positions are prompt: the head, the log-softmax and
+  the entropy were mostly spent on numbers the loss multiplied by 0. With autograd on and
+  more than one chunk, each chunk runs under activation checkpointing, so the backward
+  pass recomputes a chunk's logits instead of keeping every chunk's ``[chunk, V]``
+  softmax alive; a single chunk is kept instead (recomputing it would not lower the
+  peak, see ``_chunked``).
 
 Entropy is of the same tempered distribution: ``H = logsumexp(z) - sum softmax(z) * z``.
 """
@@ -63,13 +69,19 @@ def sequence_logprobs(
     *,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    positions: torch.Tensor | None = None,
+    recompute_head: bool | None = None,
 ) -> torch.Tensor:
     """Teacher-forced log pi(x[t+1] | x[<=t]) for every t: [B, T] -> [B, T-1] float32.
 
     Differentiable with respect to the model's parameters when autograd is on.
-    Positions whose target token is padding are 0.
+    Positions whose target token is padding are 0. ``positions`` ([B, T-1], nonzero where
+    wanted, e.g. a loss mask) limits the LM head to those targets; the others are 0 too.
+    ``recompute_head``: see :func:`_chunked` (None, the default, decides by chunk count).
     """
-    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, False).logprobs
+    return _score(
+        model, input_ids, attention_mask, temperature, chunk_tokens, False, positions, recompute_head
+    ).logprobs
 
 
 def sequence_logprobs_and_entropy(
@@ -79,9 +91,11 @@ def sequence_logprobs_and_entropy(
     *,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    positions: torch.Tensor | None = None,
+    recompute_head: bool | None = None,
 ) -> TokenLogprobs:
     """Like :func:`sequence_logprobs`, plus the entropy of each next-token distribution."""
-    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, True)
+    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, True, positions, recompute_head)
 
 
 def _score(
@@ -91,6 +105,8 @@ def _score(
     temperature: float,
     chunk_tokens: int,
     with_entropy: bool,
+    positions: torch.Tensor | None = None,
+    recompute_head: bool | None = None,
 ) -> TokenLogprobs:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
@@ -100,6 +116,9 @@ def _score(
             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
         )
     model = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    # The body alone (no LM head): for a transformers causal LM ``base_model`` is the
+    # decoder stack its own forward calls, so hidden states are exactly what it would feed
+    # its head, final norm included.
     hidden = model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -110,27 +129,48 @@ def _score(
     targets = input_ids[:, 1:]  # [B, T-1]
     # Score only positions whose target is a real token; pads would waste LM-head work.
     valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # [B, T-1]
-    flat_hidden = hidden[:, :-1][valid]  # [N, H]
-    flat_targets = targets[valid]  # [N]
+    if positions is not None:
+        if positions.shape != targets.shape:
+            raise ValueError(f"positions must be [B, T-1] = {tuple(targets.shape)}, got {tuple(positions.shape)}")
+        valid = valid & positions.bool()
     head = _LogitHead(model, temperature, with_entropy)
-    pieces_lp, pieces_ent = [], []
-    use_checkpoint = torch.is_grad_enabled() and flat_hidden.requires_grad
-    for start in range(0, flat_hidden.shape[0], chunk_tokens):
-        h = flat_hidden[start : start + chunk_tokens]
-        y = flat_targets[start : start + chunk_tokens]
-        if use_checkpoint:
-            lp, ent = checkpoint(head, h, y, use_reentrant=False)
-        else:
-            lp, ent = head(h, y)
-        pieces_lp.append(lp)
-        pieces_ent.append(ent)
+    lp, ent = _chunked(head, hidden[:, :-1][valid], targets[valid], chunk_tokens, recompute_head)  # [N] each
     logprobs = hidden.new_zeros((batch, length - 1), dtype=torch.float32)
     entropy = hidden.new_zeros((batch, length - 1), dtype=torch.float32)
-    if pieces_lp:
+    if lp.numel():
         # masked_scatter fills True positions in row-major order, the order [valid] read them.
-        logprobs = logprobs.masked_scatter(valid, torch.cat(pieces_lp))
-        entropy = entropy.masked_scatter(valid, torch.cat(pieces_ent))
+        logprobs = logprobs.masked_scatter(valid, lp)
+        entropy = entropy.masked_scatter(valid, ent)
     return TokenLogprobs(logprobs=logprobs, entropy=entropy)
+
+
+def _chunked(
+    head: _LogitHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, recompute: bool | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``head`` on ``[N, H]`` rows ``chunk_tokens`` at a time; return ``[N]`` log-probs and entropies.
+
+    With autograd on and more than one chunk, each chunk is checkpointed: backward then
+    holds one chunk's ``[chunk, V]`` tensors at a time instead of all of them. A single
+    chunk is not: its tensors are alive at the start of backward either way (kept from
+    forward, or recomputed there while the body's activations are still held), so
+    recomputing it would cost a second LM head for no lower peak. ``recompute=True``
+    checkpoints every chunk, as before issue 23 (kept for side-by-side benchmarks).
+    """
+    n = hidden.shape[0]
+    if recompute is None:
+        recompute = n > chunk_tokens
+    recompute = recompute and torch.is_grad_enabled() and hidden.requires_grad
+    pieces_lp, pieces_ent = [], []
+    for start in range(0, n, chunk_tokens):
+        h = hidden[start : start + chunk_tokens]  # [c, H]
+        y = targets[start : start + chunk_tokens]  # [c]
+        lp, ent = checkpoint(head, h, y, use_reentrant=False) if recompute else head(h, y)
+        pieces_lp.append(lp)
+        pieces_ent.append(ent)
+    if not pieces_lp:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return empty, empty
+    return torch.cat(pieces_lp), torch.cat(pieces_ent)
 
 
 class _LogitHead:

@@ -32,6 +32,12 @@ the ``Learner`` protocol (the Ray rank group's too).
 
 ``version`` counts completed ``step`` calls; the loop hands it to the generator with the
 new weights, and rollouts record which version sampled them.
+
+Every pass (pi_theta, pi_prox, pi_ref) runs the model body once and the LM head only on
+the target tokens the loss scores (``LEAN_LOGITS``, ``algorithm/logprobs.py``): the prompt
+and padding are most positions of an RLVR batch and the loss never reads them. Each
+step's metrics carry its peak memory (``engines/memory.py``: resident set, and the CUDA
+allocator's peaks on a GPU), the largest rank's under data parallel.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -46,8 +53,17 @@ from transformers import AutoModelForCausalLM
 from rlvr.trainer.algorithm.batch import TrainBatch
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
 from rlvr.trainer.algorithm.losses import LossFn, LossInputs, LossOutputs, Objective
+from rlvr.trainer.engines.memory import StepMemory
 
 _STATE_FILE = "learner_state.pt"
+
+LEAN_LOGITS = True
+"""Run the LM head only on the target tokens the loss scores (``loss_mask`` 1), for the
+policy, proximal and reference passes alike. Everything the objective reads (pi_theta,
+pi_prox, pi_ref, mu, entropy) is multiplied by the loss mask, so the other columns are
+never used: they are 0 here instead of computed. ``False`` restores the head at every real
+position, recomputed in backward, as before issue 23; it stays only so that ``scripts/bench_learner.py`` and
+``tests/test_lean_logits.py`` can compare the two paths side by side (not a user flag)."""
 
 # Diagnostics of LossOutputs averaged over micro-batches (token-weighted) and iterations.
 # Keys of the token count and entropy sum while metric sums are reduced over ranks.
@@ -108,11 +124,13 @@ class MicroBatchLearner:
         objective's ``on_policy`` function: GRPO's numbers bit for bit, see ``losses.py``).
         """
         loss_fn = self.objective.on_policy if on_policy else self.objective.stale
+        memory = StepMemory(self.device)
+        memory.start()
         self.model.eval()
         batch = batch.to(self.device)
         if batch.num_tokens == 0:  # everything masked (e.g. all truncated): nothing to learn
             self.version += 1
-            return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self._learning_rate()}
+            return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self._learning_rate(), **self._peaks(memory)}
         if batch.old_logprobs is None and self.num_iterations > 1:
             batch.old_logprobs = self._score(self.model, batch)
         if self.ref_model is not None and batch.ref_logprobs is None:
@@ -135,7 +153,13 @@ class MicroBatchLearner:
             "learning_rate": self._learning_rate(),
             "train_tokens": float(batch.num_tokens),
             "train_sequences": float(batch.num_sequences),
+            **self._peaks(memory),
         }
+
+    def _peaks(self, memory: StepMemory) -> dict[str, float]:
+        """Return the step's peak memory (``engines/memory.py``), the largest rank's under data parallel."""
+        reduced = self._all_reduce({f"{k}_max": v for k, v in memory.peaks().items()})  # *_max: max over ranks
+        return {k.removesuffix("_max"): v for k, v in reduced.items()}
 
     @torch.no_grad()
     def _score(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
@@ -143,7 +167,9 @@ class MicroBatchLearner:
         parts = []
         width = batch.loss_mask.shape[1]
         for mb in batch.micro_batches(self.micro_batch_size):
-            lp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
+            lp = sequence_logprobs(
+                model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **_head_args(mb)
+            )
             parts.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))  # back to full width
         return torch.cat(parts)
 
@@ -162,13 +188,15 @@ class MicroBatchLearner:
             entropy = None
             if with_entropy or bonus:
                 scored = sequence_logprobs_and_entropy(
-                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature
+                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **_head_args(mb)
                 )
                 logprobs, entropy = scored.logprobs, scored.entropy  # [b, t-1] each
                 if with_entropy:
                     entropy_sum += float((entropy.detach() * mb.loss_mask).sum())
             else:
-                logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature)
+                logprobs = sequence_logprobs(
+                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **_head_args(mb)
+                )
             out: LossOutputs = loss_fn(_loss_inputs(mb, logprobs, entropy if bonus else None))
             self._backward(out.loss, last=i == len(micro_batches) - 1)
             n = float(mb.loss_mask.sum().item())
@@ -308,6 +336,11 @@ def _reduce(name: str, acc: float | None, value: float) -> float:
     if name.endswith("_min"):
         return min(acc, value)
     return acc + value
+
+
+def _head_args(mb: TrainBatch) -> dict[str, Any]:
+    """Where the LM head runs: on the loss mask's targets; everywhere, always recomputed, with ``LEAN_LOGITS`` off."""
+    return {"positions": mb.loss_mask} if LEAN_LOGITS else {"positions": None, "recompute_head": True}
 
 
 def _loss_inputs(mb: TrainBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None = None) -> LossInputs:
