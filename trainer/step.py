@@ -15,7 +15,8 @@ So a feature that changes the step (an objective, a sampling rule) is written he
 what this module calls, and holds in all three.
 
 What makes the placements agree number for number: the tasks of step ``s`` and its seeds
-are functions of ``(seed, s)`` only (``TaskSchedule``, ``shard_seed``); which weights
+are functions of ``(seed, s)`` only (``TaskSchedule``, ``shard_seed``; with dynamic sampling
+those of its extra rounds too, ``algorithm/dynamic_sampling.py``); which weights
 sample step ``s`` is fixed by the staleness bound (``algorithm/staleness.py``); and a batch
 sampled by the very weights being learned from takes the objective's on-policy loss, so
 ``--max-staleness 0`` reproduces the synchronous loop exactly.
@@ -24,6 +25,8 @@ sampled by the very weights being learned from takes the objective's on-policy l
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -36,14 +39,19 @@ from transformers import AutoConfig
 from rlvr.envs.registry import make_env
 from rlvr.trainer.algorithm.advantages import make_estimator, turn_advantages
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
+from rlvr.trainer.algorithm.dynamic_sampling import extra_tasks, fill_batch, learned_batch, round_seed
+from rlvr.trainer.algorithm.overlong import shape_overlong
 from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, RolloutBatch, TaskRef, collect_rollouts
 from rlvr.trainer.algorithm.staleness import staleness_metrics
 from rlvr.trainer.algorithm.stopwatch import Stopwatch
-from rlvr.trainer.bookkeeping.metrics import rollout_metrics, timing_metrics
-from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.bookkeeping.metrics import dynamic_metrics, rollout_metrics, timing_metrics
+from rlvr.trainer.config import ConfigError, TrainConfig
 from rlvr.trainer.engines.build import build_generator, choose_generator, max_context, model_source
+from rlvr.trainer.engines.distributed import world_size
 from rlvr.trainer.engines.models import load_tokenizer
 from rlvr.trainer.protocols import Generator, Learner, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 SHARD_SEED_STRIDE = 104_729
 """Seed offset per first group of a shard (a prime, apart from collect_rollouts' per-turn 7919)."""
@@ -180,16 +188,38 @@ class Player:
         )
 
     def play(self, step: int) -> RolloutBatch:
-        """Play this player's groups of ``step`` with the generator's current weights, each episode to its end."""
+        """Play this player's groups of ``step`` with the generator's current weights, each episode to its end.
+
+        With ``--dynamic-sampling``, extra rounds until as many of its groups are informative
+        (``algorithm/dynamic_sampling.py``): each player fills its own quota, so a Ray shard
+        does not wait for the others.
+        """
         config = self.config
         tasks = [self.schedule(step, p) for p in self.groups]
-        params = dataclasses.replace(self.sampling, seed=shard_seed(config.seed, step, self.groups.start))
+        rollouts = self._play_round(step, 0, tasks)
+        if config.dynamic_sampling:
+            first, size, num_tasks = self.groups.start, len(self.groups), self.schedule.num_tasks
+
+            def tasks_of(round_: int, played: frozenset[int]) -> list[TaskRef]:
+                return extra_tasks(config.seed, step, round_, first, size, config.prompts_per_step, num_tasks, played)
+
+            play = functools.partial(self._play_round, step)
+            rollouts = fill_batch(rollouts, tasks, config.max_sampling_rounds, tasks_of, play)
+        for episode in rollouts.episodes:
+            episode.group += self.groups.start  # the step-wide group index (a shard starts past 0)
+        return rollouts
+
+    def _play_round(self, step: int, round_: int, tasks: list[TaskRef]) -> RolloutBatch:
+        """Play ``tasks`` with the seed of round ``round_`` of ``step`` (round 0: the step's own), rewards shaped."""
+        config = self.config
+        seed = round_seed(shard_seed(config.seed, step, self.groups.start), round_)
+        params = dataclasses.replace(self.sampling, seed=seed)
         rollouts = collect_rollouts(
             self.envs, self.generator, self.tokenizer, self.renderer, tasks, config.group_size, params,
             self.max_context,
         )  # fmt: skip
-        for episode in rollouts.episodes:
-            episode.group += self.groups.start  # the step-wide group index (a shard starts past 0)
+        if config.overlong_buffer:  # DAPO's soft overlong punishment, before anything reads the rewards
+            shape_overlong(rollouts.episodes, config.max_new_tokens, config.overlong_buffer, config.overlong_penalty)
         return rollouts
 
 
@@ -201,6 +231,8 @@ def step_record(
 ) -> dict[str, Any]:
     """Return the metrics.jsonl line of one step: rollout statistics, the learner's metrics, timings."""
     stats = rollout_metrics(rollouts)
+    if rollouts.played is not None:  # dynamic sampling: the step generated the dropped groups too
+        stats["generated_tokens"] = float(rollouts.played.tokens)
     record: dict[str, Any] = {"step": step, **stats, **learned}
     record |= timing_metrics(
         stats["generated_tokens"], rollouts.generation_seconds, rollouts.env_seconds, learning_seconds, step_seconds
@@ -229,6 +261,14 @@ class Learning:
         self.config, self.learner, self.pad_id, self.publish = config, learner, pad_id, publish
         self.share = share if share is not None else _whole
         self.estimator = make_estimator(config.advantage_estimator, config.scale)
+        ranks = max(config.learner_ranks, world_size())
+        if config.dynamic_sampling and ranks > 1 and config.group_size % ranks:
+            # A step short of informative groups learns fewer of them: only whole groups of a
+            # size the ranks divide always split evenly over them (TrainBatch.shard).
+            raise ConfigError(
+                f"--dynamic-sampling with {ranks} learner ranks needs group_size ({config.group_size}) "
+                f"to be a multiple of {ranks}: a step may learn fewer groups than prompts_per_step"
+            )
 
     def __call__(self, step: int, rollouts: RolloutBatch | None, watch: Stopwatch, t0: float) -> dict[str, Any] | None:
         """Learn step ``step`` from ``rollouts`` and publish; return its record (None on a rank without rollouts).
@@ -236,8 +276,10 @@ class Learning:
         ``t0``: when the step began, for ``time/step``; ``watch`` gets ``learning`` and ``publish``.
         """
         config, learner = self.config, self.learner
-        batch, staleness = None, [0]
+        batch, staleness, dynamic = None, [0], dict[str, float]()
         if rollouts is not None:
+            if rollouts.played is not None:
+                rollouts, dynamic = self._informative(step, rollouts)
             advantages = turn_advantages([[e.turn_rewards for e in g] for g in rollouts.groups], self.estimator)
             batch = pack_episodes(
                 rollouts.episodes, [a for g in advantages for a in g], self.pad_id, config.mask_truncated
@@ -251,9 +293,24 @@ class Learning:
         if rollouts is None:
             return None
         record = step_record(step, rollouts, learned, watch.seconds["learning"], time.perf_counter() - t0)
+        record |= dynamic
         if config.pipelined:
             record |= staleness_metrics(staleness, config.eta)
         return record
+
+    @staticmethod
+    def _informative(step: int, rollouts: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        """Dynamic sampling's learner side: the informative groups (or all, if none is), and the ``dynamic/*`` keys."""
+        assert rollouts.played is not None
+        learned, informative = learned_batch(rollouts)
+        metrics = dynamic_metrics(rollouts.played, len(learned.groups), informative)
+        if metrics["dynamic/groups_short"]:
+            logger.warning(
+                "step %d: %d of %d groups informative after %d extra sampling round(s); learning from %s",
+                step, informative, rollouts.played.quota, rollouts.played.rounds,
+                "those" if informative else "the zero-spread groups (no policy gradient)",
+            )  # fmt: skip
+        return learned, metrics
 
 
 def _whole(batch: TrainBatch | None) -> TrainBatch:

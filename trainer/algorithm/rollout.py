@@ -96,19 +96,73 @@ class Episode:
 
 
 @dataclass
+class Played:
+    """Everything a player played for one batch, when that is more than the batch (dynamic sampling).
+
+    Counts over every round, kept groups or not; plain numbers, so they travel pickled with
+    the batch (the pipeline's pipe, Ray's object store) and add up over Ray's shards.
+    """
+
+    groups: int
+    """Groups played, every round."""
+    zero_spread: int
+    """Of them, groups whose episode returns are all equal."""
+    rounds: int
+    """Extra rounds played after the first (over shards: the most any shard played)."""
+    quota: int
+    """Informative groups wanted: the groups the player plays per step (over shards: the sum)."""
+    reward_sum: float
+    """Sum of the returns of every episode played."""
+    episodes: int
+    """Episodes played, every round."""
+    tokens: int
+    """Model tokens generated, every round."""
+
+    @staticmethod
+    def merge(parts: Sequence[Played]) -> Played:
+        """Return the shards' accounting as one step's: counts add up, ``rounds`` is the most any shard played."""
+        return Played(
+            groups=sum(p.groups for p in parts),
+            zero_spread=sum(p.zero_spread for p in parts),
+            rounds=max(p.rounds for p in parts),
+            quota=sum(p.quota for p in parts),
+            reward_sum=sum(p.reward_sum for p in parts),
+            episodes=sum(p.episodes for p in parts),
+            tokens=sum(p.tokens for p in parts),
+        )
+
+
+@dataclass
 class RolloutBatch:
     """The episodes of one step, grouped, and where the time went."""
 
     groups: list[list[Episode]]
     """[num_groups][group_size] episodes; the members of a group share a task."""
     generation_seconds: float
-    """Wall time inside ``Generator.generate``."""
+    """Wall time inside ``Generator.generate`` (every round played for the batch)."""
     env_seconds: float
-    """Wall time inside ``env.reset`` / ``env.step`` (the verifiers run there)."""
+    """Wall time inside ``env.reset`` / ``env.step`` (the verifiers run there; every round)."""
+    played: Played | None = None
+    """With dynamic sampling: everything played for the batch (``algorithm/dynamic_sampling.py``); else None."""
 
     @property
     def episodes(self) -> list[Episode]:
         return [e for group in self.groups for e in group]
+
+    @staticmethod
+    def merge(shards: Sequence[RolloutBatch]) -> RolloutBatch:
+        """One step's batch from its shards, in shard order (Ray's generators ran them side by side).
+
+        The seconds are the slowest shard's (wall time of the step's generation), the
+        ``played`` accounting adds up (``Played.merge``).
+        """
+        played = [s.played for s in shards if s.played is not None]
+        return RolloutBatch(
+            groups=[g for s in shards for g in s.groups],
+            generation_seconds=max(s.generation_seconds for s in shards),
+            env_seconds=max(s.env_seconds for s in shards),
+            played=Played.merge(played) if played else None,
+        )
 
 
 class EnvMessageRenderer:

@@ -27,6 +27,21 @@ the generator), ``time/generator_wait`` / ``_busy``, ``async/learner_idle_fracti
 ``async/generator_idle_fraction`` (waiting time over wall time, per step),
 ``async/buffered_batches`` and ``async/generator_restarts``.
 
+With ``--dynamic-sampling`` (algorithm/dynamic_sampling.py) the reward, spread and length keys
+above describe the **learned** batch, what the learner saw (its ``zero_spread_fraction`` is
+0 unless no group was informative), so they agree with the loss and advantage keys beside
+them; what the policy scores on the task stream is ``dynamic/reward_mean_sampled``, the mean
+return of every episode the step played (all rounds, dropped groups included: the learned
+batch leaves out all-right and all-wrong groups, so its mean says little of the policy).
+Beside it ``dynamic/groups_sampled`` (groups played, every round, every shard),
+``dynamic/groups_zero_spread``, ``dynamic/groups_learned``, ``dynamic/groups_dropped``
+(played, not learned: zero-spread or surplus), ``dynamic/rounds`` (extra rounds; over Ray's
+shards the most any played), ``dynamic/groups_short`` (informative groups the step lacked
+after the bound) and ``dynamic/no_informative`` (1: not one group had spread, the step
+learned from zero-spread groups, a zero policy gradient). The step's costs count every
+round: ``time/generation``, ``time/reward``, and ``generated_tokens`` (so the throughputs
+are of every token sampled, not only of the learned ones).
+
 Every ``--samples-every`` steps, ``samples.jsonl`` (same writer, same resume rule) gets
 one episode of each of the first ``SAMPLES_PER_LOG`` groups: the prompt as the model saw
 it, the completions, reward and components, what the verifier parsed and why it scored
@@ -54,7 +69,7 @@ from rlvr.trainer.algorithm.advantages import zero_spread_fraction
 from rlvr.trainer.bookkeeping.trackers import Tracker, close_all, open_trackers
 
 if TYPE_CHECKING:
-    from rlvr.trainer.algorithm.rollout import RolloutBatch
+    from rlvr.trainer.algorithm.rollout import Played, RolloutBatch
     from rlvr.trainer.config import TrainConfig
 
 SAMPLES_PER_LOG = 4
@@ -100,6 +115,23 @@ def rollout_metrics(rollouts: RolloutBatch) -> dict[str, float]:
     out["turns_mean"] = statistics.fmean(e.num_turns for e in episodes)
     out["generated_tokens"] = float(sum(lengths))
     return out
+
+
+def dynamic_metrics(played: Played, learned: int, informative: int) -> dict[str, float]:
+    """Return the ``dynamic/*`` keys of a step that played ``played`` and learns ``learned`` groups.
+
+    ``informative``: how many of the learned groups have spread (0: none had, all are learned).
+    """
+    return {
+        "dynamic/groups_sampled": float(played.groups),
+        "dynamic/groups_zero_spread": float(played.zero_spread),
+        "dynamic/groups_learned": float(learned),
+        "dynamic/groups_dropped": float(played.groups - learned),
+        "dynamic/rounds": float(played.rounds),
+        "dynamic/groups_short": float(max(0, played.quota - informative)),
+        "dynamic/no_informative": float(informative == 0),
+        "dynamic/reward_mean_sampled": played.reward_sum / max(played.episodes, 1),
+    }
 
 
 def timing_metrics(

@@ -249,11 +249,7 @@ class _RayPipeline:
 
     def _complete(self, step: int) -> None:
         results = [r for _, r in sorted(self.partial.pop(step).items())]
-        rollouts = RolloutBatch(
-            groups=[g for r in results for g in r.rollouts.groups],
-            generation_seconds=max(r.rollouts.generation_seconds for r in results),  # the shards ran side by side
-            env_seconds=max(r.rollouts.env_seconds for r in results),
-        )
+        rollouts = RolloutBatch.merge([r.rollouts for r in results])  # the shards ran side by side
         payload = _Step(
             rollouts,
             [r.wait_seconds for r in results],
