@@ -180,11 +180,13 @@ def _comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith(TIMING)}
 
 
-def _check_learned_batches(records: list[dict], prompts: int) -> None:
+def _check_learned_batches(records: list[dict], prompts: int, shards: int = 1) -> None:
     for r in records:
         assert r["dynamic/groups_learned"] == prompts - r["dynamic/groups_short"]  # the size kept unless short
         assert r["zero_spread_fraction"] == 0.0  # no learned group without spread
-        assert r["dynamic/rounds"] <= 2 and r["dynamic/groups_sampled"] == prompts * (1 + r["dynamic/rounds"])
+        assert r["dynamic/rounds"] <= 2
+        sampled = r["dynamic/groups_sampled"]  # one player: whole rounds; shards: each its own rounds
+        assert sampled == prompts * (1 + r["dynamic/rounds"]) if shards == 1 else prompts <= sampled
         # every token sampled counts (dropped groups' too), at least the learned batch's
         assert r["generated_tokens"] >= r["completion_length_mean"] * r["dynamic/groups_learned"] * 2
 
@@ -225,3 +227,22 @@ def test_rewards_without_spread_play_exactly_the_bound_and_still_step(assets, tm
         assert r["grad_norm"] == 0.0  # zero advantages, no KL: nothing to learn
         assert r["dynamic/reward_mean_sampled"] == r["reward_mean"] == 0.5
     assert "0 of 2 groups informative after 2 extra sampling round(s)" in caplog.text
+
+
+@pytest.mark.ray
+def test_ray_one_generator_equals_the_synchronous_loop_and_shards_fill_their_own_quota(tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'rlvr[ray]')")
+    from rlvr.trainer.cluster.loop import train_ray  # imports Ray
+
+    sync = read_metrics(train(_arithmetic(tmp_path / "sync", max_steps=2)).metrics_path)
+    one = read_metrics(
+        train_ray(_arithmetic(tmp_path / "one", max_steps=2, cluster="ray", max_staleness=0)).metrics_path
+    )
+    for s, r in zip(sync, one, strict=True):
+        assert {k: r[k] for k in _comparable(s)} == _comparable(s), s["step"]
+    # Two shards (groups 0-1 and 2), each its own quota: the accounting adds up over them.
+    two = train_ray(_arithmetic(tmp_path / "two", max_steps=2, cluster="ray", max_staleness=0, num_generators=2))
+    records = read_metrics(two.metrics_path)
+    assert [r["ray/num_generators"] for r in records] == [2.0, 2.0]
+    _check_learned_batches(records, 3, shards=2)
+    assert any(r["dynamic/groups_sampled"] % 3 for r in records)  # the shards played different numbers of rounds

@@ -8,6 +8,7 @@ from conftest import tiny_config
 from rlvr.trainer.algorithm.overlong import overlong_reward, shape_overlong, turn_lengths
 from rlvr.trainer.algorithm.rollout import Episode
 from rlvr.trainer.bookkeeping.metrics import read_metrics
+from rlvr.trainer.bookkeeping.plots import FIGURES, Run, panel_keys
 from rlvr.trainer.sync_loop import train
 
 
@@ -59,3 +60,5 @@ def test_the_component_reaches_the_record_and_the_reward(assets, tmp_path):
     assert shaped["components/overlong_mean"] < 0  # every turn is in the 8-token buffer
     assert shaped["completion_length_mean"] == plain["completion_length_mean"]
     assert shaped["reward_mean"] == pytest.approx(plain["reward_mean"] + shaped["components/overlong_mean"])
+    reward_figure = next(f for f in FIGURES if f.name == "reward")  # drawn beside the other components
+    assert "components/overlong_mean" in panel_keys(reward_figure, [Run("shaped", [shaped])])

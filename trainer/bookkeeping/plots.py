@@ -4,13 +4,17 @@
 figure, one panel per metric against ``step``, every run overlaid in its own colour
 (legend: the run directory's name):
 
-- ``reward.png``: ``reward_mean`` and each ``components/<name>_mean``;
+- ``reward.png``: ``reward_mean``, ``dynamic/reward_mean_sampled`` (with dynamic sampling:
+  every episode played, where ``reward_mean`` is the learned batch's) and each
+  ``components/<name>_mean`` (``overlong`` among them with ``--overlong-buffer``);
 - ``kl.png``: ``kl`` (to the reference, k3) and ``behavior_kl`` (proximal vs behaviour policy);
 - ``entropy.png``; ``clipping.png``: ``clip_low_fraction``, ``clip_high_fraction``,
   ``is_capped_fraction``; ``length.png``: ``completion_length_mean`` / ``_max``,
   ``truncated_fraction``;
 - ``async.png`` (asynchronous runs): ``staleness_mean``, ``async/learner_idle_fraction``,
-  ``async/generator_idle_fraction``; ``eval.png``: ``eval/pass@1``, ``eval/reward_mean``.
+  ``async/generator_idle_fraction``; ``eval.png``: ``eval/pass@1``, ``eval/reward_mean``;
+- ``dynamic.png`` (``--dynamic-sampling``): ``dynamic/groups_sampled``, ``_dropped``,
+  ``_short`` and ``dynamic/rounds``.
 
 Per-step values of a few dozen episodes are noisy, so each curve is a trailing moving
 average over ``W`` steps (fewer at the start), with the raw values drawn faint behind it;
@@ -50,7 +54,8 @@ class FigureSpec:
 
 
 FIGURES = (
-    FigureSpec("reward", "Reward and its components", ("reward_mean", "components/*_mean")),
+    FigureSpec("reward", "Reward and its components", ("reward_mean", "dynamic/reward_mean_sampled",
+                                                       "components/*_mean")),
     FigureSpec("kl", "KL divergence", ("kl", "behavior_kl")),
     FigureSpec("entropy", "Policy entropy (nats per token)", ("entropy",)),
     FigureSpec("clipping", "Clipped tokens", ("clip_low_fraction", "clip_high_fraction", "is_capped_fraction")),
@@ -59,6 +64,8 @@ FIGURES = (
     FigureSpec("async", "Asynchronous pipeline", ("staleness_mean", "async/learner_idle_fraction",
                                                   "async/generator_idle_fraction")),
     FigureSpec("eval", "Evaluation during training", ("eval/pass@1", "eval/reward_mean")),
+    FigureSpec("dynamic", "Dynamic sampling (groups per step)", ("dynamic/groups_sampled", "dynamic/groups_dropped",
+                                                                 "dynamic/groups_short", "dynamic/rounds")),
 )  # fmt: skip
 
 
