@@ -25,9 +25,9 @@ from rlvr.trainer.algorithm.dynamic_sampling import (
 )
 from rlvr.trainer.algorithm.rollout import Episode, RolloutBatch, TaskRef
 from rlvr.trainer.bookkeeping.metrics import dynamic_metrics, read_metrics
-from rlvr.trainer.config import TrainConfig
+from rlvr.trainer.config import ConfigError, TrainConfig
 from rlvr.trainer.pipeline.loop import train_async
-from rlvr.trainer.step import TaskSchedule
+from rlvr.trainer.step import Learning, TaskSchedule
 from rlvr.trainer.sync_loop import train
 
 TIMING = ("time/", "tokens_per_second", "generation_tokens_per_second", "async/", "memory/")
@@ -163,6 +163,13 @@ def test_extra_tasks_are_a_function_of_seed_step_round_and_shard():
     assert round_seed(123, 0) == 123 and round_seed(123, 1) != round_seed(123, 2)
     with pytest.raises(ValueError):
         tasks(0, 1, 0, 0, 2, 4, None)
+
+
+def test_learner_ranks_must_divide_the_group_size_since_a_short_step_learns_fewer_groups():
+    ranks = {"cluster": "ray", "learner": "deepspeed", "learner_ranks": 2, "dynamic_sampling": True}
+    with pytest.raises(ConfigError, match="group_size \\(3\\) to be a multiple of 2"):
+        Learning(TrainConfig(group_size=3, prompts_per_step=2, **ranks), None, 0, lambda: None)  # type: ignore[arg-type]
+    Learning(TrainConfig(group_size=4, prompts_per_step=3, **ranks), None, 0, lambda: None)  # type: ignore[arg-type]
 
 
 # --- whole runs -------------------------------------------------------------------------------
