@@ -1,7 +1,7 @@
 """Dynamic sampling: groups whose rewards have no spread leave the batch, and more tasks are played.
 
-DAPO (Yu et al. 2025, arXiv:2503.14476, section 3.2, eq. 11: "over-sample and filter out
-prompts with the accuracy equal to 1 and 0"). A group of G episodes with returns R_1..R_G
+DAPO (Yu et al. 2025, arXiv:2503.14476, section 3.2, "Dynamic Sampling": "over-sample and
+filter out prompts with the accuracy equal to 1 and 0"). A group of G episodes with returns R_1..R_G
 has advantages ``A_i = (R_i - b) / s`` with ``b`` the group's mean (or, RLOO, the mean of
 the others), so when
 
@@ -33,12 +33,16 @@ batch, or all of it when none is informative": one player's batch is already so;
 several Ray shards it drops the zero-spread fallback of a shard that found nothing when
 another shard did find informative groups.
 
-Reproducibility: the extra tasks and seeds depend on nothing played (not even on which
-groups were informative: that only decides *whether* round ``r`` is played), so
-``--max-staleness 0`` equals the synchronous loop and a resumed run equals an uninterrupted
-one. Departure from the paper: DAPO samples until the batch is full, without bound; here the
+Reproducibility: the extra tasks and seeds depend on nothing sampled (which groups were
+informative decides only *whether* round ``r`` is played; the tasks a finite dataset avoids
+are those of the step's earlier rounds, themselves such functions), so ``--max-staleness 0``
+equals the synchronous loop and a resumed run equals an uninterrupted one.
+
+Departures from the paper: DAPO samples until the batch is full, without bound; here the
 bound ``max_sampling_rounds`` keeps a step's cost finite on a task the policy always or
-never solves.
+never solves. DAPO filters on accuracy (all right or all wrong); here on the spread of the
+returns, which is the same for a 0/1 verifier and, with shaped rewards (format
+components, ``overlong``), keeps a group whose returns differ, since it has an advantage.
 
     python scripts/train.py --env arithmetic --dynamic-sampling --max-sampling-rounds 3
 """
