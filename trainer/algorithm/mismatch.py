@@ -15,10 +15,11 @@ uses). A correction turns ``w`` into a weight ``c`` that multiplies each token's
 
 - ``"tis"``, truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework
   Secretly Brings You Off-Policy RL Training"; their cap is 2): ``c = min(w, C)``.
-- ``"mis"``, masked importance sampling: ``c = w`` if ``F <= w <= C`` else 0. Two-sided, as
-  IcePop (Ling Team 2025, "Every Step Evolves", Ring-1T: band [0.5, 5]); one-sided at the
-  sequence level is the MIS of Liu et al. 2025 ("When Speed Kills Stability"); ``F = 0``
-  gives it here. A masked token still counts in the aggregation's denominator.
+- ``"mis"``, masked importance sampling: ``c = w`` if ``F <= w <= C`` else 0. Two-sided, it is
+  IcePop's ``M(k)`` (Ling Team 2025, "Every Step Evolves", arXiv:2510.18855, Ring-1T: ``k``
+  inside ``[alpha, beta]``, 0 outside); one-sided at the sequence level it is the MIS of Liu et
+  al. 2025 ("When Speed Kills Stability"), which ``F = 0`` gives here. A masked token still
+  counts in the aggregation's denominator (as with the decoupled objective's mask).
 - ``"none"``: ``c = 1``, the loss is untouched.
 
 ``"auto"`` (``TrainConfig.mismatch_correction``) is resolved once per run, by the generator
