@@ -194,10 +194,12 @@ class _LogitHead:
             z = z / self.logits_scaling
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
-        z = z / self.temperature
+        if self.temperature != 1.0:  # dividing by 1 would only allocate another [N, V]
+            z = z / self.temperature
         lse = z.logsumexp(-1)  # [N]
         lp = z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse  # [N]
         if not self.with_entropy:
             return lp, torch.zeros_like(lp)
-        ent = lse - (z.softmax(-1) * z).sum(-1)  # [N]
+        # sum_v p_v z_v as a row-wise dot product: no [N, V] product tensor next to p and z.
+        ent = lse - torch.linalg.vecdot(z.softmax(-1), z)  # [N]
         return lp, ent
