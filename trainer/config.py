@@ -164,6 +164,20 @@ class TrainConfig:
     micro_batch_size: int = 16
     """Sequences per forward/backward pass; gradients accumulate to the full batch."""
 
+    # --- LoRA (engines/lora.py, through peft): train low-rank adapters instead of every weight
+    lora_rank: int = 0
+    """Rank R of the LoRA adapters added to --lora-target-modules; only the adapters train (the
+    optimizer holds only them), the reference of --beta is the same model with its adapters off,
+    and weight sync sends the adapters only. 0 (the default): no LoRA, every weight trains."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: an adapter adds (alpha / rank) * B A x to its layer's output."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input. Keep 0 for RL: the learner scores in eval mode (no dropout), so
+    a nonzero value only matters to code that trains in train mode."""
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """Comma-separated names of the linear layers that get adapters (the default: attention and MLP
+    projections of Qwen2/Llama-style models), or 'all-linear' (peft: every linear layer but the LM head)."""
+
     # --- the asynchronous pipeline (pipeline/loop.py) and its objective
     max_staleness: int | None = None
     """Run generation and learning at the same time, in two processes, sampling each batch with
@@ -271,7 +285,8 @@ class TrainConfig:
             (
                 "overlong_buffer",
                 0 <= self.overlong_buffer <= self.max_new_tokens,
-                f"must be in [0, max_new_tokens] ([0, {self.max_new_tokens}])",
+                f"must be in [0, max_new_tokens] ([0, {self.max_new_tokens}]; with a smaller --max-new-tokens, "
+                "give --overlong-buffer too: a recipe's buffer is sized for its own budget)",
             ),
             ("overlong_penalty", self.overlong_penalty >= 0, "must be >= 0"),
             (
@@ -304,6 +319,21 @@ class TrainConfig:
             ("is_cap", self.is_cap > 0, "must be > 0"),
             ("is_level", self.is_level in IMPORTANCE_LEVELS, f"must be one of {sorted(IMPORTANCE_LEVELS)}"),
             ("is_mode", self.is_mode in IMPORTANCE_CAPS, f"must be one of {sorted(IMPORTANCE_CAPS)}"),
+            *self._lora_checks(),
+        ]
+
+    def _lora_checks(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, rule) for the LoRA adapters (``lora_rank`` 0: off, the other fields unused)."""
+        names = [n.strip() for n in self.lora_target_modules.split(",")]
+        return [
+            ("lora_rank", self.lora_rank >= 0, "must be >= 0 (0: no LoRA, every weight trains)"),
+            ("lora_alpha", self.lora_alpha > 0, "must be > 0 (the adapters' scale is alpha / rank)"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)"),
+            (
+                "lora_target_modules",
+                all(names) and all(n.replace("_", "").replace("-", "").replace(".", "").isalnum() for n in names),
+                "must be comma-separated module names (e.g. 'q_proj,v_proj') or 'all-linear'",
+            ),
         ]
 
     def _placement_checks(self) -> list[tuple[str, bool, str]]:
@@ -320,6 +350,12 @@ class TrainConfig:
                 f"must be <= prompts_per_step ({self.prompts_per_step}): each generator plays whole groups",
             ),
             ("learner_ranks", self.learner_ranks >= 1, "must be >= 1"),
+            (
+                "dynamic_sampling",
+                not self.dynamic_sampling or self.group_size % self.learner_ranks == 0,
+                f"with {self.learner_ranks} learner ranks needs group_size ({self.group_size}) a multiple of them: "
+                "a step short of informative groups learns fewer whole groups",
+            ),
             ("weight_sync", self.weight_sync in WEIGHT_SYNCS, f"must be one of {list(WEIGHT_SYNCS)}"),
             ("weight_sync", self.weight_sync == "auto" or self.cluster == "ray", "needs --cluster ray"),
             (
