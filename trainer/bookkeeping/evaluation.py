@@ -35,7 +35,14 @@ from rlvr.envs.registry import make_env
 from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, Episode, TaskRef, collect_rollouts
 from rlvr.trainer.bookkeeping.passk import majority_vote, pass_at_k, report_ks
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import build_generator, choose_generator, max_context, model_source, resolve_device
+from rlvr.trainer.engines.build import (
+    build_generator,
+    choose_generator,
+    max_context,
+    model_source,
+    prepare_generator,
+    resolve_device,
+)
 from rlvr.trainer.engines.models import load_model, load_tokenizer
 from rlvr.trainer.engines.transformers_generator import TransformersGenerator
 from rlvr.trainer.protocols import Generator, Learner, SamplingParams
@@ -299,6 +306,8 @@ class LearnerEval:
         model = own if own is not None else load_model(config.model)[0]
         device = next(learner.model.parameters()).device if own is not None else resolve_device(config.device)
         generator = TransformersGenerator(model.to(device), tokenizer, device=device, seed=config.seed)
+        if own is None:
+            prepare_generator(generator, config, device)  # LoRA: takes what the learner publishes
         return cls(evaluate, generator, tokenizer, max_context(model.config), copy=own is None)
 
     def __call__(self, learner: Learner) -> dict[str, float]:

@@ -40,6 +40,7 @@ import torch
 from rlvr.trainer.algorithm.losses import LossFn, Objective, make_loss_fn
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.engines.distributed import init_distributed
+from rlvr.trainer.engines.lora import AdaptersOff, LoraSettings, apply_lora, is_lora
 from rlvr.trainer.engines.models import DEFAULT_MODEL_DIR, load_model
 from rlvr.trainer.engines.torch_learner import TorchLearner
 from rlvr.trainer.engines.transformers_generator import TransformersGenerator
@@ -168,8 +169,19 @@ def vllm_settings(device: torch.device, threads: int) -> dict[str, Any]:
 
 
 def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.device) -> Learner:
-    """Build the learner of ``config`` for ``model``: the objective chosen once, a reference model if beta > 0."""
-    ref_model = load_model(config.model)[0].to(device) if config.beta > 0 else None
+    """Build the learner of ``config`` for ``model``: the objective chosen once, a reference model if beta > 0.
+
+    With ``--lora-rank`` the adapters are injected into ``model`` here (``engines/lora.py``), so
+    the optimizer holds only them, and the reference is ``model`` with its adapters off (no
+    second model is loaded).
+    """
+    lora = LoraSettings.of(config)
+    ref_model: Any = None
+    if lora is not None:
+        apply_lora(model, lora, merge_for_generation=lora_merges(config, device))
+        ref_model = AdaptersOff(model) if config.beta > 0 else None
+    elif config.beta > 0:
+        ref_model = load_model(config.model)[0].to(device)
     common: dict[str, Any] = dict(
         learning_rate=config.learning_rate,
         ref_model=ref_model,
@@ -195,6 +207,34 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
             ds_config=config.deepspeed_config,
         )
     return TorchLearner(model, objective, **common)
+
+
+def lora_merges(config: TrainConfig, device: torch.device) -> bool:
+    """Whether a LoRA run's learner sends merged full weights rather than its adapters.
+
+    The transformers generator takes the adapters in place (a peft model of its own,
+    ``prepare_generator``). vLLM is sent ``W + (alpha / r) B A``: its LoRA support (which the
+    CPU build has) loads adapters from a folder and needs ``enable_lora`` when the engine is
+    built; rlvr's in-memory route for it is not written yet (``engines/lora.py``).
+    """
+    return choose_generator(config.generator, device).kind == "vllm"
+
+
+def prepare_generator(generator: Generator, config: TrainConfig, device: torch.device) -> None:
+    """Give a generator that loaded its own copy of the model what a LoRA run's learner sends it.
+
+    With ``--lora-rank`` and adapters sent (not ``lora_merges``), a transformers generator's
+    model gets the same adapters as the learner's (same names, so ``update_weights`` takes
+    them in place); otherwise nothing. Called where a generator is built on its own copy:
+    the pipeline's generator process, each Ray actor, the synchronous loop's unshared
+    generator, evaluation's copy. (A generator sharing the learner's model has them already.)
+    """
+    lora = LoraSettings.of(config)
+    if lora is None or lora_merges(config, device) or not isinstance(generator, TransformersGenerator):
+        return
+    if not is_lora(generator.model):
+        apply_lora(generator.model, lora)
+        generator.model.eval()
 
 
 def build_objective(config: TrainConfig, device: torch.device | None = None) -> Objective:

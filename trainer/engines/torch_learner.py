@@ -53,6 +53,7 @@ from transformers import AutoModelForCausalLM
 from rlvr.trainer.algorithm.batch import TrainBatch
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
 from rlvr.trainer.algorithm.losses import LossFn, LossInputs, LossOutputs, Objective
+from rlvr.trainer.engines import lora
 from rlvr.trainer.engines.memory import StepMemory
 
 _STATE_FILE = "learner_state.pt"
@@ -261,14 +262,17 @@ class TorchLearner(MicroBatchLearner):
     # --- the Learner protocol ----------------------------------------------------------
 
     def weights_for_generation(self) -> dict[str, torch.Tensor]:
-        """Return the current weights by name (detached views; copy before mutating)."""
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """Return the current weights by name (detached views; copy before mutating); LoRA: the adapters only."""
+        return lora.generation_weights(self.model)
 
     def save(self, path: str) -> None:
-        """Write the model (``save_pretrained``) and optimizer/scheduler/version state to ``path``."""
+        """Write the model (``save_pretrained``; LoRA: peft's adapter files) and optimizer/scheduler/version state."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        if lora.is_lora(self.model):
+            lora.save_adapters(self.model, out)
+        else:
+            self.model.save_pretrained(out)
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -279,9 +283,12 @@ class TorchLearner(MicroBatchLearner):
     def load(self, path: str) -> None:
         """Restore what ``save`` wrote: weights into the existing model, then optimizer state."""
         src = Path(path)
-        saved = AutoModelForCausalLM.from_pretrained(src, dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(saved.state_dict())
-        del saved
+        if lora.is_lora(self.model):
+            lora.load_adapters(self.model, src)
+        else:
+            saved = AutoModelForCausalLM.from_pretrained(src, dtype=next(self.model.parameters()).dtype)
+            self.model.load_state_dict(saved.state_dict())
+            del saved
         state = torch.load(src / _STATE_FILE, map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

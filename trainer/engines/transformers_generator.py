@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr.trainer.algorithm.logprobs import position_ids_from_mask
+from rlvr.trainer.engines import lora
 from rlvr.trainer.protocols import Completion, FinishReason, SamplingParams
 
 
@@ -89,9 +90,10 @@ class TransformersGenerator:
 
         Tied parameters (the LM head sharing the embedding) may be given under either
         name or both; any other missing or unexpected key is an error, because silently
-        keeping stale weights would make every importance ratio wrong.
+        keeping stale weights would make every importance ratio wrong. A model with LoRA
+        adapters (``engines/lora.py``) takes its adapters only, in place.
         """
-        own = self.model.state_dict()
+        own = lora.receivable_state(self.model)
         aliases: dict[int, set[str]] = {}
         for name, tensor in own.items():
             aliases.setdefault(tensor.data_ptr(), set()).add(name)
