@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import torch
-from transformers import AutoConfig
 
 from rlvr.envs.registry import make_env
 from rlvr.trainer.algorithm.rollout import EnvMessageRenderer, Episode, TaskRef, collect_rollouts
@@ -39,7 +38,7 @@ from rlvr.trainer.engines.build import (
     build_generator,
     choose_generator,
     max_context,
-    model_source,
+    model_config,
     prepare_generator,
     resolve_device,
 )
@@ -166,7 +165,7 @@ def evaluate(
     logger.info("generator: %s (%s)", choice.kind, choice.reason)
     tokenizer = load_tokenizer(model)
     generator = build_generator(choice, model, tokenizer, device, seed=seed)
-    max_context = int(getattr(AutoConfig.from_pretrained(model_source(model)), "max_position_embeddings", 2048))
+    max_context = int(getattr(model_config(model), "max_position_embeddings", 2048))
     return play_tasks(envs, generator, tokenizer, max_context, list(range(limit)), num_samples, params, seed,
                       output=output, progress=progress)  # fmt: skip
 

@@ -28,19 +28,22 @@ DeepSpeed op build) runs the defaults; asking for one that is not installed is a
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from rlvr.trainer.algorithm.losses import LossFn, Objective, make_loss_fn
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.engines.distributed import init_distributed
-from rlvr.trainer.engines.lora import AdaptersOff, LoraSettings, apply_lora, is_lora
+from rlvr.trainer.engines.lora import ADAPTER_CONFIG, AdaptersOff, LoraSettings, apply_lora, is_adapter_folder, is_lora
 from rlvr.trainer.engines.models import DEFAULT_MODEL_DIR, load_model
 from rlvr.trainer.engines.torch_learner import TorchLearner
 from rlvr.trainer.engines.transformers_generator import TransformersGenerator
@@ -118,6 +121,14 @@ def model_source(name: str | None) -> str:
     return str(DEFAULT_MODEL_DIR) if name is None else name
 
 
+def model_config(name: str | None) -> Any:
+    """Return the transformers config of ``--model``; a LoRA checkpoint's is its base model's."""
+    source = model_source(name)
+    if is_adapter_folder(source):
+        source = json.loads((Path(source) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return AutoConfig.from_pretrained(source)
+
+
 def build_generator(
     choice: GeneratorChoice,
     model_name: str | None,
@@ -137,6 +148,11 @@ def build_generator(
     ``threads`` is the CPU threads the process may use (0: all), for vLLM's CPU build.
     """
     if choice.kind == "vllm":
+        if model_name is not None and is_adapter_folder(model_name):
+            raise EngineError(
+                f"--generator vllm cannot load the LoRA adapters in {model_name}: write a merged model with "
+                "`python scripts/merge_lora.py FOLDER OUT` and pass OUT, or use --generator transformers"
+            )
         from rlvr.trainer.engines.vllm_generator import VLLMGenerator
 
         return VLLMGenerator(
