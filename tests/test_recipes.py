@@ -104,17 +104,19 @@ RISE = 0.3
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_recipes", ROOT / "scripts" / "bench_recipes.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """Every recipe trained once, two at a time; {recipe: RecipeRun}."""
-    bench = _bench()
-    runs = bench.run_recipes(NAMES, [0], STEPS, tmp_path_factory.mktemp("recipes"), jobs=2)
+    """Every recipe trained once, two at a time, and the figures: {recipe: RecipeRun, "figures": [paths]}."""
+    bench, out = _bench(), tmp_path_factory.mktemp("recipes")
+    runs = bench.run_recipes(NAMES, [0], STEPS, out, jobs=2)
     print("\n" + bench.table(runs, threshold=0.5))
-    return {r.recipe: r for r in runs}
+    figures = bench.draw(runs, out)
+    return {r.recipe: r for r in runs} | {"figures": figures}
 
 
 @pytest.mark.slow
@@ -123,3 +125,10 @@ def test_each_recipe_learns_arithmetic(learned, name):
     run = learned[name]
     assert len(run.rewards) == STEPS
     assert run.last - run.first >= RISE, f"{name}: reward rose only from {run.first:.3f} to {run.last:.3f}"
+
+
+@pytest.mark.slow
+def test_the_benchmark_draws_the_recipes_side_by_side(learned):
+    figure, *plots = learned["figures"]
+    assert figure.name == "recipes.png" and figure.stat().st_size > 10_000
+    assert {p.name for p in plots} >= {"reward.png", "length.png"}
