@@ -24,7 +24,12 @@ metrics.
   loss is already normalised by whole-batch counts) with the boundary set by hand on the
   last micro-batch (``set_gradient_accumulation_boundary``): the number of micro-batches
   may change between batches, so DeepSpeed's ``gradient_accumulation_steps`` stays 1 and
-  never decides the boundary. ZeRO 2/3 reduce gradients at that boundary.
+  never decides the boundary. ZeRO 2/3 reduce gradients at that boundary. With
+  ``micro_batch_tokens`` the count also differs between the ranks' shards; the step takes
+  the largest over ranks and splits micro-batches on the others to match
+  (``algorithm/packing.py``), so every rank runs the same passes and collectives, and
+  ``train_micro_batch_size_per_gpu`` (``micro_batch_size``) is then only DeepSpeed's
+  bookkeeping, not the rows per pass.
 - Clipping: at ZeRO 0 in fp32 the engine holds the plain torch optimizer and reports no
   norm, so the learner clips with ``torch.nn.utils.clip_grad_norm_`` exactly as
   TorchLearner does (after DeepSpeed's all-reduce). Otherwise DeepSpeed's
@@ -72,7 +77,7 @@ import torch
 import torch.distributed as dist
 
 from rlvr.trainer.algorithm.losses import LossFn, Objective
-from rlvr.trainer.engines import distributed
+from rlvr.trainer.engines import distributed, lora
 from rlvr.trainer.engines.torch_learner import MicroBatchLearner, warmup_schedule
 
 _DS_DIR = "deepspeed"
@@ -101,6 +106,7 @@ class DeepSpeedLearner(MicroBatchLearner):
         offload_optimizer: bool = False,
         ds_config: str | os.PathLike | dict | None = None,
         bf16: bool | None = None,
+        micro_batch_tokens: int = 0,
     ):
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
@@ -109,7 +115,9 @@ class DeepSpeedLearner(MicroBatchLearner):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
         import deepspeed
 
-        self._setup_common(loss, ref_model, num_iterations, micro_batch_size, temperature, version)
+        self._setup_common(
+            loss, ref_model, num_iterations, micro_batch_size, temperature, version, micro_batch_tokens
+        )
         _ensure_process_group(device)
         self.world = distributed.world_size()
         self.zero_stage = zero_stage
@@ -154,13 +162,19 @@ class DeepSpeedLearner(MicroBatchLearner):
 
         Below ZeRO-3 every rank holds whole weights: rank 0 returns detached views (copy
         before mutating), like TorchLearner. At ZeRO-3 they are gathered one parameter at a
-        time and rank 0 returns CPU copies.
+        time and rank 0 returns CPU copies. LoRA: the adapters only (``engines/lora.py``;
+        at ZeRO-3 only they are gathered), or the merged weights for a generator that takes no adapters.
         """
+        adapters = lora.is_lora(self.model) and not lora.merges_for_generation(self.model)
+        return lora.generation_weights(self.model, self._state_dict(adapters_only=adapters))
+
+    def _state_dict(self, adapters_only: bool = False) -> dict[str, torch.Tensor]:
+        """Return the module's whole state dict on rank 0 (``{}`` elsewhere; collective at ZeRO-3)."""
         if self.zero_stage < 3:
             if not distributed.is_main():
                 return {}
             return {k: v.detach() for k, v in self.model.state_dict().items()}
-        return _gather_state_dict(self.model)
+        return _gather_state_dict(self.model, only=lora.is_adapter_key if adapters_only else None)
 
     def save(self, path: str) -> None:
         """Write DeepSpeed's checkpoint and a ``save_pretrained`` model to ``path`` (collective)."""
@@ -168,9 +182,14 @@ class DeepSpeedLearner(MicroBatchLearner):
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        self.engine.save_checkpoint(str(out / _DS_DIR), tag=_TAG, client_state={"version": self.version})
-        state = self.weights_for_generation()
-        if distributed.is_main():
+        adapters = lora.is_lora(self.model)  # LoRA: the frozen base weights are not saved again
+        self.engine.save_checkpoint(
+            str(out / _DS_DIR), tag=_TAG, client_state={"version": self.version}, exclude_frozen_parameters=adapters
+        )
+        state = self._state_dict(adapters_only=adapters)
+        if distributed.is_main() and adapters:
+            lora.save_adapters(self.model, out, state)
+        elif distributed.is_main():
             self.model.save_pretrained(out, state_dict=state)
             (out / _VERSION_FILE).write_text(json.dumps({"version": self.version}))
         distributed.barrier()
@@ -184,7 +203,11 @@ class DeepSpeedLearner(MicroBatchLearner):
                 "a folder saved by the torch learner resumes only with --learner torch"
             )
         loaded, client = self.engine.load_checkpoint(
-            str(src), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(src),
+            tag=_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not lora.is_lora(self.model),  # LoRA: the checkpoint holds the adapters only
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {src}")
@@ -245,14 +268,19 @@ def _ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(distributed.backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _gather_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Gather ZeRO-3 parameters one at a time (collective); rank 0 gets CPU copies by name."""
+def _gather_state_dict(model: torch.nn.Module, only: Any = None) -> dict[str, torch.Tensor]:
+    """Gather ZeRO-3 parameters one at a time (collective); rank 0 gets CPU copies by name.
+
+    ``only(name)``: gather just the entries it accepts (a LoRA run's adapters).
+    """
     import deepspeed
 
     main = distributed.is_main()
     names: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: one id, two names
+        if only is not None and not only(name):
+            continue
         names.setdefault(id(p), []).append(name)
         params[id(p)] = p
     gathered: dict[str, torch.Tensor] = {}
@@ -264,7 +292,8 @@ def _gather_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if not main:
         return {}
     for name, buf in model.named_buffers():
-        gathered[name] = buf.detach().to("cpu", copy=True)
+        if only is None or only(name):
+            gathered[name] = buf.detach().to("cpu", copy=True)
     return {k: gathered[k] for k in model.state_dict() if k in gathered}  # state_dict's names and order
 
 

@@ -133,6 +133,12 @@ def is_lora(model: torch.nn.Module) -> bool:
     return _lora(model) is not None
 
 
+def merges_for_generation(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s learner publishes merged full weights (``apply_lora``'s ``merge_for_generation``)."""
+    state = _lora(model)
+    return state is not None and state.merge_for_generation
+
+
 def is_adapter_key(name: str) -> bool:
     return f".{_MARK}" in name
 
