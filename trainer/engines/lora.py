@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 
 # peft is imported inside the functions that use it, so a run without LoRA never imports it
 # (about 2.7 s on the dev VM, more than the rest of the trainer's imports).
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 """peft's adapter file; with ``adapter_config.json`` it makes a checkpoint a LoRA checkpoint."""
@@ -117,7 +120,29 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, *, merge_for_gene
     except ValueError as error:
         raise ValueError(f"--lora-target-modules {settings.target_modules}: {error}") from None
     object.__setattr__(model, "_rlvr_lora", _Lora(peft_model, merge_for_generation))
+    logger.info("%s", describe(model))
     return peft_model
+
+
+def describe(model: torch.nn.Module) -> str:
+    """Say once what a LoRA run trains and what each weight sync sends (the run logs it at setup)."""
+    lora = _lora(model)
+    assert lora is not None
+    adapters = {n: p for n, p in model.named_parameters() if is_adapter_key(n)}
+    base = {id(p): p for n, p in model.named_parameters() if not is_adapter_key(n)}  # tied: once
+    trained, total = sum(p.numel() for p in adapters.values()), sum(p.numel() for p in base.values())
+    sent_adapters = sum(p.numel() * p.element_size() for p in adapters.values())
+    sent_full = sum(p.numel() * p.element_size() for p in base.values())
+    what = (
+        f"merged full weights, {sent_full / 1e6:.2f} MB per sync (the generator takes no adapters; "
+        f"the adapters alone would be {sent_adapters / 1e6:.3f} MB)"
+        if lora.merge_for_generation
+        else f"the adapters only, {sent_adapters / 1e6:.3f} MB per sync (full weights: {sent_full / 1e6:.2f} MB)"
+    )
+    return (
+        f"LoRA: {len(adapters) // 2} adapted layers, {trained:,} trainable parameters "
+        f"({100 * trained / total:.2f}% of {total:,}); weight sync sends {what}"
+    )
 
 
 def _linear_names(model: torch.nn.Module) -> set[str]:
