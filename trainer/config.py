@@ -163,6 +163,12 @@ class TrainConfig:
     """Linear learning-rate warmup over this many optimizer steps, then constant."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass; gradients accumulate to the full batch."""
+    micro_batch_tokens: int = 0
+    """Token budget of a micro-batch: rows are grouped so each group has at most this many real tokens
+    (a longer row gets a group of its own) and run packed, with no padding, each row attending only to
+    itself (algorithm/packing.py); replaces --micro-batch-size. Same loss and gradients as padded
+    micro-batches. A model whose attention cannot take packed rows gets padded groups under the same
+    budget (rows x longest), with a log line. 0 (the default): --micro-batch-size rows, padded."""
 
     # --- LoRA (engines/lora.py, through peft): train low-rank adapters instead of every weight
     lora_rank: int = 0
@@ -306,6 +312,7 @@ class TrainConfig:
             ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
+            ("micro_batch_tokens", self.micro_batch_tokens >= 0, "must be >= 0 (0: --micro-batch-size rows, padded)"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("eval_every", self.eval_every >= 0, "must be >= 0 (0 disables evaluation during training)"),
             ("eval_limit", self.eval_limit >= 1, "must be >= 1"),

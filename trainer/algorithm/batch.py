@@ -11,6 +11,11 @@ messages and padding are 0. With ``mask_truncated`` an episode with a turn cut a
 ``max_new_tokens`` is masked out entirely (DAPO's overlong filtering: its reward says
 "unfinished", not "wrong"). ``num_sequences`` and ``num_tokens`` count what remains
 trainable in the whole batch, and are what the loss divides by in every micro-batch.
+
+The learner cuts a batch into micro-batches of ``micro_batch_size`` consecutive rows
+(``micro_batches``), or, with a token budget, into groups of rows (``select``) whose real
+tokens it runs packed without padding (``algorithm/packing.py``); either way the loss
+reads the same ``[b, T-1]`` tensors of the rows.
 """
 
 from __future__ import annotations
@@ -66,9 +71,19 @@ class TrainBatch:
         the slices add up to the loss of the batch.
         """
         for start in range(0, self.size, size):
-            rows = slice(start, start + size)
-            width = int(self.attention_mask[rows].sum(-1).max().item())  # right padding
-            yield self._slice(rows, width)
+            yield self.select(slice(start, start + size))
+
+    def select(self, rows: slice | Sequence[int] | torch.Tensor) -> TrainBatch:
+        """Rows ``rows`` (a slice, or any subset in that order), trimmed to their longest: one micro-batch.
+
+        Keeps the whole batch's ``num_sequences`` / ``num_tokens``, as ``micro_batches`` does.
+        """
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+            if not rows.numel():
+                raise ValueError("a micro-batch needs at least one row")
+        width = int(self.attention_mask[rows].sum(-1).max().item())  # right padding
+        return self._slice(rows, width)
 
     def shard(self, rank: int, world_size: int) -> TrainBatch:
         """Rank ``rank``'s contiguous, equal share of the rows, for data-parallel learning.
@@ -89,7 +104,7 @@ class TrainBatch:
         share = self.size // world_size
         return self._slice(slice(rank * share, (rank + 1) * share), int(self.input_ids.shape[1]))
 
-    def _slice(self, rows: slice, width: int) -> TrainBatch:
+    def _slice(self, rows: slice | torch.Tensor, width: int) -> TrainBatch:
         def cut(t: torch.Tensor | None, cols: int) -> torch.Tensor | None:
             return None if t is None else t[rows, :cols]
 

@@ -28,6 +28,10 @@ Two things trainers get silently wrong, and what this module does about them:
   pass recomputes a chunk's logits instead of keeping every chunk's ``[chunk, V]``
   softmax alive; a single chunk is kept instead (recomputing it would not lower the
   peak, see ``_chunked``).
+* **Padding.** With ``packed=True`` the rows' real tokens run through the body as one
+  padding-free sequence, each row at its own positions and attending only to itself
+  (``algorithm/packing.py``), and the results come back in the rows' ``[B, T-1]`` layout:
+  callers see the same tensors as from a padded pass.
 
 Entropy is of the same tempered distribution: ``H = logsumexp(z) - sum softmax(z) * z``.
 """
@@ -38,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from rlvr.trainer.algorithm.packing import PackedRows, packed_hidden_states
 
 DEFAULT_CHUNK_TOKENS = 1024
 """Positions per LM-head chunk: ``[chunk, V]`` float32 logits live at once (4 MiB at V=1k)."""
@@ -71,6 +77,7 @@ def sequence_logprobs(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     positions: torch.Tensor | None = None,
     recompute_head: bool | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Teacher-forced log pi(x[t+1] | x[<=t]) for every t: [B, T] -> [B, T-1] float32.
 
@@ -78,9 +85,11 @@ def sequence_logprobs(
     Positions whose target token is padding are 0. ``positions`` ([B, T-1], nonzero where
     wanted, e.g. a loss mask) limits the LM head to those targets; the others are 0 too.
     ``recompute_head``: see :func:`_chunked` (None, the default, decides by chunk count).
+    ``packed``: run the body on the rows packed without padding (right-padded rows only,
+    ``algorithm/packing.py``); the output is the same ``[B, T-1]``.
     """
     return _score(
-        model, input_ids, attention_mask, temperature, chunk_tokens, False, positions, recompute_head
+        model, input_ids, attention_mask, temperature, chunk_tokens, False, positions, recompute_head, packed
     ).logprobs
 
 
@@ -93,9 +102,10 @@ def sequence_logprobs_and_entropy(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     positions: torch.Tensor | None = None,
     recompute_head: bool | None = None,
+    packed: bool = False,
 ) -> TokenLogprobs:
     """Like :func:`sequence_logprobs`, plus the entropy of each next-token distribution."""
-    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, True, positions, recompute_head)
+    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, True, positions, recompute_head, packed)
 
 
 def _score(
@@ -107,6 +117,7 @@ def _score(
     with_entropy: bool,
     positions: torch.Tensor | None = None,
     recompute_head: bool | None = None,
+    packed: bool = False,
 ) -> TokenLogprobs:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
@@ -116,15 +127,6 @@ def _score(
             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
         )
     model = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
-    # The body alone (no LM head): for a transformers causal LM ``base_model`` is the
-    # decoder stack its own forward calls, so hidden states are exactly what it would feed
-    # its head, final norm included.
-    hidden = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state  # [B, T, H]
     batch, length = input_ids.shape
     targets = input_ids[:, 1:]  # [B, T-1]
     # Score only positions whose target is a real token; pads would waste LM-head work.
@@ -133,14 +135,35 @@ def _score(
         if positions.shape != targets.shape:
             raise ValueError(f"positions must be [B, T-1] = {tuple(targets.shape)}, got {tuple(positions.shape)}")
         valid = valid & positions.bool()
+    # The body alone (no LM head): for a transformers causal LM ``base_model`` is the
+    # decoder stack its own forward calls, so hidden states are exactly what it would feed
+    # its head, final norm included.
+    if packed:
+        rows = PackedRows.of(input_ids, attention_mask)
+        hidden = packed_hidden_states(model, rows)[0]  # [N, H]
+        scored = hidden[rows.target_index(valid)]  # [n, H]
+    else:
+        hidden = model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # [B, T, H]
+        scored = hidden[:, :-1][valid]  # [n, H]
     head = _LogitHead(model, temperature, with_entropy)
-    lp, ent = _chunked(head, hidden[:, :-1][valid], targets[valid], chunk_tokens, recompute_head)  # [N] each
+    lp, ent = _chunked(head, scored, targets[valid], chunk_tokens, recompute_head)  # [n] each
     logprobs = hidden.new_zeros((batch, length - 1), dtype=torch.float32)
     entropy = hidden.new_zeros((batch, length - 1), dtype=torch.float32)
     if lp.numel():
         # masked_scatter fills True positions in row-major order, the order [valid] read them.
         logprobs = logprobs.masked_scatter(valid, lp)
         entropy = entropy.masked_scatter(valid, ent)
+    elif torch.is_grad_enabled() and hidden.requires_grad and targets.numel():
+        # Nothing scored (every row masked out): still run the head on one row, times 0, so
+        # the loss has a graph through every weight and its backward takes part in the
+        # gradient collectives of data-parallel ranks (DeepSpeed ZeRO 2/3) like any other.
+        zero = sum(x.sum() for x in head(hidden.reshape(-1, hidden.shape[-1])[:1], targets.reshape(-1)[:1])) * 0.0
+        logprobs, entropy = logprobs + zero, entropy + zero
     return TokenLogprobs(logprobs=logprobs, entropy=entropy)
 
 

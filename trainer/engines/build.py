@@ -206,6 +206,7 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
         warmup_steps=config.warmup_steps,
         num_iterations=config.num_iterations,
         micro_batch_size=config.micro_batch_size,
+        micro_batch_tokens=config.micro_batch_tokens,
         temperature=config.temperature,
     )
     objective = build_objective(config, device)

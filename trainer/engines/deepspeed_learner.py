@@ -24,7 +24,12 @@ metrics.
   loss is already normalised by whole-batch counts) with the boundary set by hand on the
   last micro-batch (``set_gradient_accumulation_boundary``): the number of micro-batches
   may change between batches, so DeepSpeed's ``gradient_accumulation_steps`` stays 1 and
-  never decides the boundary. ZeRO 2/3 reduce gradients at that boundary.
+  never decides the boundary. ZeRO 2/3 reduce gradients at that boundary. With
+  ``micro_batch_tokens`` the count also differs between the ranks' shards; the step takes
+  the largest over ranks and splits micro-batches on the others to match
+  (``algorithm/packing.py``), so every rank runs the same passes and collectives, and
+  ``train_micro_batch_size_per_gpu`` (``micro_batch_size``) is then only DeepSpeed's
+  bookkeeping, not the rows per pass.
 - Clipping: at ZeRO 0 in fp32 the engine holds the plain torch optimizer and reports no
   norm, so the learner clips with ``torch.nn.utils.clip_grad_norm_`` exactly as
   TorchLearner does (after DeepSpeed's all-reduce). Otherwise DeepSpeed's
@@ -101,6 +106,7 @@ class DeepSpeedLearner(MicroBatchLearner):
         offload_optimizer: bool = False,
         ds_config: str | os.PathLike | dict | None = None,
         bf16: bool | None = None,
+        micro_batch_tokens: int = 0,
     ):
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
@@ -109,7 +115,7 @@ class DeepSpeedLearner(MicroBatchLearner):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
         import deepspeed
 
-        self._setup_common(loss, ref_model, num_iterations, micro_batch_size, temperature, version)
+        self._setup_common(loss, ref_model, num_iterations, micro_batch_size, temperature, version, micro_batch_tokens)
         _ensure_process_group(device)
         self.world = distributed.world_size()
         self.zero_stage = zero_stage

@@ -38,10 +38,17 @@ the target tokens the loss scores (``LEAN_LOGITS``, ``algorithm/logprobs.py``): 
 and padding are most positions of an RLVR batch and the loss never reads them. Each
 step's metrics carry its peak memory (``engines/memory.py``: resident set, and the CUDA
 allocator's peaks on a GPU), the largest rank's under data parallel.
+
+With ``micro_batch_tokens`` (``--micro-batch-tokens``) the micro-batches are groups of rows
+of at most that many real tokens, each run packed without padding
+(``algorithm/packing.py``); the step plans them once and every pass (pi_prox, pi_ref, each
+iteration) uses the same groups. A model whose attention cannot take packed rows (probed
+once) gets padded micro-batches under the same budget instead, with a log line.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -53,8 +60,11 @@ from transformers import AutoModelForCausalLM
 from rlvr.trainer.algorithm.batch import TrainBatch
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
 from rlvr.trainer.algorithm.losses import LossFn, LossInputs, LossOutputs, Objective
+from rlvr.trainer.algorithm.packing import even_out, packed_attention_error, plan_micro_batches
 from rlvr.trainer.engines import lora
 from rlvr.trainer.engines.memory import StepMemory
+
+logger = logging.getLogger(__name__)
 
 _STATE_FILE = "learner_state.pt"
 
@@ -98,6 +108,7 @@ class MicroBatchLearner:
     objective: Objective
     num_iterations: int
     micro_batch_size: int
+    micro_batch_tokens: int
     temperature: float
     version: int
     device: torch.device
@@ -110,11 +121,14 @@ class MicroBatchLearner:
         micro_batch_size: int,
         temperature: float,
         version: int,
+        micro_batch_tokens: int = 0,
     ) -> None:
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
         self.objective = Objective.of(loss)
         self.num_iterations = num_iterations
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
+        self._packs: bool | None = None  # whether the model takes packed rows; probed on first use
         self.temperature = temperature
         self.version = version
 
@@ -132,15 +146,16 @@ class MicroBatchLearner:
         if batch.num_tokens == 0:  # everything masked (e.g. all truncated): nothing to learn
             self.version += 1
             return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self._learning_rate(), **self._peaks(memory)}
+        groups = self._micro_batches(batch)  # planned once: every pass uses the same micro-batches
         if batch.old_logprobs is None and self.num_iterations > 1:
-            batch.old_logprobs = self._score(self.model, batch)
+            batch.old_logprobs = self._score(self.model, batch, groups)
         if self.ref_model is not None and batch.ref_logprobs is None:
-            batch.ref_logprobs = self._score(self.ref_model, batch)
+            batch.ref_logprobs = self._score(self.ref_model, batch, groups)
         totals: dict[str, float] = dict.fromkeys((*_LOSS_METRICS, "loss", "grad_norm"), 0.0)
         entropy = math.nan
         for iteration in range(self.num_iterations):
             self._zero_grad()
-            sums, ent = self._accumulate(batch, loss_fn, with_entropy=iteration == 0)
+            sums, ent = self._accumulate(batch, groups, loss_fn, with_entropy=iteration == 0)
             if iteration == 0:
                 entropy = ent
             grad_norm = self._optimizer_step()
@@ -162,19 +177,55 @@ class MicroBatchLearner:
         reduced = self._all_reduce({f"{k}_max": v for k, v in memory.peaks().items()})  # *_max: max over ranks
         return {k.removesuffix("_max"): v for k, v in reduced.items()}
 
-    @torch.no_grad()
-    def _score(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
-        """Log-probabilities of every target token under ``model``: [B, T-1], no grad."""
-        parts = []
-        width = batch.loss_mask.shape[1]
-        for mb in batch.micro_batches(self.micro_batch_size):
-            lp = sequence_logprobs(
-                model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **_head_args(mb)
-            )
-            parts.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))  # back to full width
-        return torch.cat(parts)
+    def _micro_batches(self, batch: TrainBatch) -> list[slice | torch.Tensor]:
+        """Plan the step's micro-batches: the rows of ``batch`` in each (cut with ``batch.select``).
 
-    def _accumulate(self, batch: TrainBatch, loss_fn: LossFn, with_entropy: bool) -> tuple[dict[str, float], float]:
+        ``micro_batch_size`` consecutive rows, or with ``micro_batch_tokens`` groups of rows
+        by the token budget (``algorithm/packing.py``), as many on every rank: ZeRO 2/3 run
+        collectives in every micro-batch's passes (a collective, like ``step``).
+        """
+        if self.micro_batch_tokens <= 0:
+            return [slice(i, i + self.micro_batch_size) for i in range(0, batch.size, self.micro_batch_size)]
+        lengths = batch.attention_mask.sum(-1).tolist()
+        groups = plan_micro_batches(lengths, self.micro_batch_tokens, padded=not self._packs_rows())
+        most = self._all_reduce({"micro_batches_max": float(len(groups))})["micro_batches_max"]
+        groups = even_out(groups, int(most), lengths)
+        return [torch.tensor(g, device=self.device) for g in groups]
+
+    def _packs_rows(self) -> bool:
+        """Whether micro-batches run packed: the model passed the probe (on every rank); says so once if not."""
+        if self._packs is None:
+            error = packed_attention_error(self.model, self.device)
+            self._packs = self._all_reduce({"packs_min": float(error is None)})["packs_min"] == 1.0
+            if not self._packs:
+                logger.warning(
+                    "--micro-batch-tokens: %s; falling back to padded micro-batches of at most %d tokens "
+                    "counted as rows x longest row",
+                    error or "another rank's model does not take packed rows",
+                    self.micro_batch_tokens,
+                )
+        return self._packs
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, batch: TrainBatch, groups: list[slice | torch.Tensor]) -> torch.Tensor:
+        """Log-probabilities of every target token under ``model``: [B, T-1], no grad."""
+        out = torch.zeros_like(batch.loss_mask)  # [B, T-1]
+        for rows in groups:
+            mb = batch.select(rows)
+            lp = sequence_logprobs(
+                model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **self._head_args(mb)
+            )  # [b, t-1]: the micro-batch's rows, trimmed to its longest
+            out[rows, : lp.shape[1]] = lp
+        return out
+
+    def _head_args(self, mb: TrainBatch) -> dict[str, Any]:
+        """Keyword arguments of the log-prob functions: where the LM head runs, and packed or padded."""
+        packed = self.micro_batch_tokens > 0 and bool(self._packs)
+        return {**_head_args(mb), "packed": packed}
+
+    def _accumulate(
+        self, batch: TrainBatch, groups: list[slice | torch.Tensor], loss_fn: LossFn, with_entropy: bool
+    ) -> tuple[dict[str, float], float]:
         """Forward and backward every micro-batch; return token-weighted mean diagnostics.
 
         Sums are reduced over ranks (``_all_reduce``) before dividing by the token count,
@@ -183,20 +234,20 @@ class MicroBatchLearner:
         """
         sums = dict.fromkeys((*_LOSS_METRICS, "loss"), 0.0)
         entropy_sum, tokens = 0.0, 0.0
-        micro_batches = list(batch.micro_batches(self.micro_batch_size))
+        micro_batches = [batch.select(rows) for rows in groups]  # after pi_prox / pi_ref are filled in
         bonus = self.objective.needs_entropy  # the loss reads the entropy, with its gradient
         for i, mb in enumerate(micro_batches):
             entropy = None
             if with_entropy or bonus:
                 scored = sequence_logprobs_and_entropy(
-                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **_head_args(mb)
+                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **self._head_args(mb)
                 )
                 logprobs, entropy = scored.logprobs, scored.entropy  # [b, t-1] each
                 if with_entropy:
                     entropy_sum += float((entropy.detach() * mb.loss_mask).sum())
             else:
                 logprobs = sequence_logprobs(
-                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **_head_args(mb)
+                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **self._head_args(mb)
                 )
             out: LossOutputs = loss_fn(_loss_inputs(mb, logprobs, entropy if bonus else None))
             self._backward(out.loss, last=i == len(micro_batches) - 1)
@@ -250,8 +301,9 @@ class TorchLearner(MicroBatchLearner):
         micro_batch_size: int = 16,
         temperature: float = 1.0,
         version: int = 0,
+        micro_batch_tokens: int = 0,
     ):
-        self._setup_common(loss, ref_model, num_iterations, micro_batch_size, temperature, version)
+        self._setup_common(loss, ref_model, num_iterations, micro_batch_size, temperature, version, micro_batch_tokens)
         self.model = model
         self.max_grad_norm = max_grad_norm
         self.device = next(model.parameters()).device
