@@ -147,13 +147,30 @@ def table(runs: list[RecipeRun], threshold: float) -> str:
 
 def draw(runs: list[RecipeRun], output_dir: Path) -> list[Path]:
     """Write ``recipes.png`` (the reward curves overlaid) and the usual figures under ``plots/``."""
-    from rlvr.trainer.bookkeeping.plots import FigureSpec, Run, draw_figure, plot_runs
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    curves = [Run(f"{r.recipe} s{r.seed}", [{"step": i + 1, "reward": v} for i, v in enumerate(r.rewards)])
-              for r in runs]  # fmt: skip
+    from rlvr.trainer.bookkeeping.plots import plot_runs, smooth
+
+    fig = Figure(figsize=(9.0, 5.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, run in enumerate(runs):
+        steps = list(range(1, len(run.rewards) + 1))
+        ax.plot(steps, run.rewards, color=f"C{i % 10}", alpha=0.2, linewidth=1.0)
+        ax.plot(
+            steps,
+            smooth(run.rewards, WINDOW),
+            color=f"C{i % 10}",
+            linewidth=1.8,
+            label=f"{run.recipe} (seed {run.seed})",
+        )
+    ax.set(xlabel="step", ylabel="reward of every episode played",
+           title=f"Recipes on arithmetic, default model: {WINDOW}-step moving average, raw values faint")  # fmt: skip
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     path = output_dir / "recipes.png"
-    spec = FigureSpec("recipes", "Recipes: reward", ("reward",))
-    draw_figure(spec, ["reward"], curves, WINDOW, path)
+    fig.savefig(path)
     written, _ = plot_runs([r.output_dir for r in runs], output_dir / "plots")
     return [path, *written]
 
