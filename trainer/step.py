@@ -46,7 +46,7 @@ from rlvr.trainer.algorithm.staleness import staleness_metrics
 from rlvr.trainer.algorithm.stopwatch import Stopwatch
 from rlvr.trainer.bookkeeping.metrics import dynamic_metrics, rollout_metrics, timing_metrics
 from rlvr.trainer.config import ConfigError, TrainConfig
-from rlvr.trainer.engines.build import build_generator, choose_generator, max_context, model_source
+from rlvr.trainer.engines.build import build_generator, choose_generator, max_context, model_source, prepare_generator
 from rlvr.trainer.engines.distributed import world_size
 from rlvr.trainer.engines.models import load_tokenizer
 from rlvr.trainer.protocols import Generator, Learner, SamplingParams
@@ -173,6 +173,7 @@ class Player:
             choice, config.model, tokenizer, device, seed=config.seed, model=model, threads=threads
         )
         if model is None:
+            prepare_generator(generator, config, device)  # LoRA: the learner's adapters, to be taken in place
             generator.version = -1  # nothing received yet: the loaded weights are never used
         model_config = model.config if model is not None else AutoConfig.from_pretrained(model_source(config.model))
         return cls(

@@ -52,7 +52,6 @@ from rlvr.trainer.engines.build import (
     build_learner,
     choose_generator,
     learner_ranks,
-    prepare_generator,
     resolve_device,
     setup_process,
 )
@@ -141,6 +140,5 @@ def _setup(config: TrainConfig) -> _Run:
     shared = model if choice.kind == "transformers" and config.learner == "torch" else None
     player = Player.build(config, device, envs=envs, tokenizer=tokenizer, model=shared, threads=config.torch_threads)
     if shared is None:
-        prepare_generator(player.generator, config, device)  # LoRA: the same adapters as the learner's
         player.generator.version = learner.version  # its own copy of the weights the learner starts from
     return _Run(tokenizer=tokenizer, learner=learner, player=player, evaluate=training_eval(config))

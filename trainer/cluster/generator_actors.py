@@ -54,7 +54,7 @@ from rlvr.trainer.algorithm.rollout import RolloutBatch
 from rlvr.trainer.cluster.ray_runtime import Place, RayCluster, here, remote_class, require_ray
 from rlvr.trainer.cluster.weight_routes import transport_device
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import choose_generator, prepare_generator, resolve_device, setup_process
+from rlvr.trainer.engines.build import choose_generator, resolve_device, setup_process
 from rlvr.trainer.protocols import GeneratorError
 from rlvr.trainer.step import Player, shard_groups
 from rlvr.trainer.weights.broadcast import WeightReceiver
@@ -97,7 +97,6 @@ class GeneratorActor:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{first + threads - 1}")
         groups = shard_groups(config.prompts_per_step, shards)[shard]
         self.player = Player.build(config, device, groups=groups, threads=threads)  # the step core's generator side
-        prepare_generator(self.player.generator, config, device)  # LoRA: adapters taken in place
         self.receiver = WeightReceiver()  # the broadcast route's end (cluster/weight_routes.py); unused otherwise
         self._idle_since = time.perf_counter()
 

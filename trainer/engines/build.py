@@ -243,8 +243,9 @@ def prepare_generator(generator: Generator, config: TrainConfig, device: torch.d
     With ``--lora-rank`` and adapters sent (not ``lora_merges``), a transformers generator's
     model gets the same adapters as the learner's (same names, so ``update_weights`` takes
     them in place); otherwise nothing. Called where a generator is built on its own copy:
-    the pipeline's generator process, each Ray actor, the synchronous loop's unshared
-    generator, evaluation's copy. (A generator sharing the learner's model has them already.)
+    ``step.Player.build`` (for every loop: the pipeline's generator process, each Ray actor,
+    the synchronous loop's unshared generator) and evaluation's copy. (A generator sharing
+    the learner's model has them already.)
     """
     lora = LoraSettings.of(config)
     if lora is None or lora_merges(config, device) or not isinstance(generator, TransformersGenerator):

@@ -53,7 +53,7 @@ from typing import Any
 from rlvr.trainer.algorithm.rollout import RolloutBatch
 from rlvr.trainer.algorithm.staleness import Admission
 from rlvr.trainer.config import TrainConfig
-from rlvr.trainer.engines.build import prepare_generator, resolve_device, setup_process
+from rlvr.trainer.engines.build import resolve_device, setup_process
 from rlvr.trainer.protocols import GeneratorError
 from rlvr.trainer.step import Player
 from rlvr.trainer.weights.shared_memory import WeightTransport
@@ -135,7 +135,6 @@ class _Worker:
         self.admission = Admission(config.eta)
         # The generator config.generator names (vLLM in-process here), on its own copy of the weights.
         self.player = Player.build(config, resolve_device(config.device), threads=spec.threads)
-        prepare_generator(self.player.generator, config, resolve_device(config.device))  # LoRA: adapters in place
 
     def produce(self, step: int, should_stop: Any) -> RolloutMessage | None:
         """Wait for admissible weights, move to the oldest admissible, play step ``step``; None if told to stop."""
