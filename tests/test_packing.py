@@ -354,3 +354,25 @@ def test_staleness_zero_with_packing_reproduces_the_synchronous_loop(assets, tmp
     want, got = load_file(sync.checkpoint / "model.safetensors"), load_file(fresh.checkpoint / "model.safetensors")
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name  # bitwise
+
+
+def test_lora_packed_equals_padded(tokenizer):
+    """LoRA adapters (and the adapters-off reference of --beta) take packed rows like the full model."""
+    pytest.importorskip("peft")
+    from rlvr.trainer.engines.lora import AdaptersOff, LoraSettings, apply_lora
+
+    results = []
+    for budget in (0, BUDGET):
+        model = _model(tokenizer)
+        torch.manual_seed(0)  # the adapters' initial A
+        apply_lora(model, LoraSettings(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj", "up_proj")))
+        learner = TorchLearner(model, make_loss_fn(beta=0.04), learning_rate=1e-2, ref_model=AdaptersOff(model),
+                               max_grad_norm=0.0, micro_batch_size=3, micro_batch_tokens=budget)  # fmt: skip
+        metrics = [learner.step(_batch(tokenizer, seed=s)) for s in range(2)]  # step 2: adapters moved, KL > 0
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((metrics, grads))
+    (padded, padded_grads), (packed, packed_grads) = results
+    assert padded[1]["kl"] > 0 and padded_grads.abs().max() > 0
+    torch.testing.assert_close(packed_grads, padded_grads, **TOL)
+    for key in ("loss", "kl", "grad_norm", "entropy"):
+        assert packed[1][key] == pytest.approx(padded[1][key], rel=1e-5, abs=1e-6), key
