@@ -61,3 +61,32 @@ def test_bench_generation_prints_both_rows():
     lines = proc.stdout.splitlines()  # vLLM logs to stdout too: read the two lines under the header
     header = next(i for i, line in enumerate(lines) if line.startswith("generator"))
     assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["transformers", "vllm"], proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_memory_prints_every_setting_side_by_side():
+    proc = run("bench_memory.py", "--hidden-size", "64", "--layers", "1", "--vocab", "2000", "--episodes", "8",
+               "--max-completion", "60", "--micro-batch-tokens", "256", "--lora-rank", "4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for setting in ("full-padded", "full-packed", "lora-padded", "lora-packed"):
+        assert setting in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_learner_compares_the_two_logit_paths():
+    proc = run("bench_learner.py", "--prompts-per-step", "2", "--group-size", "2", "--betas", "0.04",
+               "--batches", "1", "--repeats", "1")  # fmt: skip
+    # Exit 1 also means the speed target was missed, as it is at this tiny scale; the losses must still agree.
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    assert "target 1.2x" in proc.stdout and "LOSSES DIFFER" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
+def test_bench_mismatch_prints_the_mismatch_metrics(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in-process: starts in seconds
+    proc = run("bench_mismatch.py", "--steps", "1", "--corrections", "tis")  # one row: each is the same loop
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    assert any(r[0] == "tis" for r in rows), proc.stdout
