@@ -227,14 +227,15 @@ def build_learner(config: TrainConfig, model: torch.nn.Module, device: torch.dev
 
 
 def lora_merges(config: TrainConfig, device: torch.device) -> bool:
-    """Whether a LoRA run's learner sends merged full weights rather than its adapters.
+    """Whether a LoRA run's learner sends merged full weights rather than its adapters: never now.
 
-    The transformers generator takes the adapters in place (a peft model of its own,
-    ``prepare_generator``). vLLM is sent ``W + (alpha / r) B A``: its LoRA support (which the
-    CPU build has) loads adapters from a folder and needs ``enable_lora`` when the engine is
-    built; rlvr's in-memory route for it is not written yet (``engines/lora.py``).
+    Both generators take the adapters: the transformers one in place (a peft model of its own,
+    ``prepare_generator``), vLLM as a peft folder in ``/dev/shm`` per version, sampled with a
+    ``LoRARequest`` (its engine is rebuilt with ``enable_lora`` by ``prepare_generator``; where
+    that fails, the generator merges ``W + (alpha / r) B A`` into its base weights itself).
+    The learner-side merge (``apply_lora``'s ``merge_for_generation``) stays for callers that ask.
     """
-    return choose_generator(config.generator, device).kind == "vllm"
+    return False
 
 
 def prepare_generator(generator: Generator, config: TrainConfig, device: torch.device) -> None:
@@ -242,13 +243,19 @@ def prepare_generator(generator: Generator, config: TrainConfig, device: torch.d
 
     With ``--lora-rank`` and adapters sent (not ``lora_merges``), a transformers generator's
     model gets the same adapters as the learner's (same names, so ``update_weights`` takes
-    them in place); otherwise nothing. Called where a generator is built on its own copy:
-    ``step.Player.build`` (for every loop: the pipeline's generator process, each Ray actor,
-    the synchronous loop's unshared generator) and evaluation's copy. (A generator sharing
-    the learner's model has them already.)
+    them in place), and a vLLM generator's engine is (re)built with ``enable_lora``
+    (``VLLMGenerator.enable_lora``); otherwise nothing. Called where a generator is built on
+    its own copy: ``step.Player.build`` (for every loop: the pipeline's generator process,
+    each Ray actor, the synchronous loop's unshared generator) and evaluation's copy. (A
+    generator sharing the learner's model has them already.)
     """
     lora = LoraSettings.of(config)
-    if lora is None or lora_merges(config, device) or not isinstance(generator, TransformersGenerator):
+    if lora is None or lora_merges(config, device):
+        return
+    if hasattr(generator, "enable_lora"):  # VLLMGenerator (not imported here: vLLM is optional)
+        generator.enable_lora(lora)
+        return
+    if not isinstance(generator, TransformersGenerator):
         return
     if not is_lora(generator.model):
         apply_lora(generator.model, lora)

@@ -18,9 +18,12 @@ What changes is around the step, and lives here:
 - **Weight sync** sends the adapters only (``generation_weights``: their tensors by the
   injected model's parameter names, a few percent of the model or less). A generator that
   receives them has the same adapters injected (``prepare_generator`` in ``build.py``) and
-  loads them in place (``receivable_state``). For a generator that cannot take adapters
-  (vLLM here, see ``build.py``) the learner merges ``W + (alpha / r) B A`` itself and sends
-  full weights under the base model's names (``merge_for_generation``).
+  loads them in place (``receivable_state``). vLLM (engine built with ``enable_lora``)
+  receives the same adapters and writes them as a peft folder in ``/dev/shm``
+  (``write_adapter_folder``), one per version, which it samples with as a ``LoRARequest``
+  (``engines/vllm_generator.py``). The learner-side merge (``merge_for_generation``: it
+  sends ``W + (alpha / r) B A`` under the base model's names) remains for a generator
+  that takes no adapters.
 - **Checkpoints** hold the adapters in ``peft``'s own format (``save_pretrained`` of the
   peft model: ``adapter_config.json`` + ``adapter_model.safetensors``), so the folder loads
   with ``PeftModel.from_pretrained(base, folder)``, ``AutoPeftModelForCausalLM`` and, through
@@ -304,6 +307,38 @@ def load_adapters(model: torch.nn.Module, folder: str | Path) -> None:
     if missing or result.unexpected_keys:
         unexpected = result.unexpected_keys
         raise KeyError(f"{folder}: adapters do not match this model: missing {missing}, unexpected {unexpected}")
+
+
+def peft_tensors(adapters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapters by the injected module's names -> peft's file names (``base_model.model.``, no adapter name)."""
+    mark = f".{_ADAPTER}."
+    return {f"base_model.model.{k}".replace(mark, "."): v.detach().contiguous() for k, v in adapters.items()}
+
+
+def write_adapter_folder(
+    settings: LoraSettings,
+    adapters: Mapping[str, torch.Tensor],
+    folder: str | Path,
+    base_model: str,
+    base_class: type | None = None,
+) -> None:
+    """Write ``adapters`` (``generation_weights`` of a LoRA learner) as peft's ``save_pretrained`` does.
+
+    ``adapter_config.json`` (``settings``' ``LoraConfig``, in inference mode, with
+    ``base_model``; ``auto_mapping`` from ``base_class``, the transformers model class, as peft
+    records it) and ``adapter_model.safetensors`` (peft's tensor names), so that any peft
+    reader (vLLM's LoRA loader) takes the folder.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = settings.peft_config()
+    config.base_model_name_or_path, config.inference_mode = base_model, True
+    if base_class is not None:
+        config.auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    config.save_pretrained(str(folder))
+    save_file(peft_tensors(adapters), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

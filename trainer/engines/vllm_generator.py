@@ -59,6 +59,16 @@ Weight sync (``update_weights(state_dict, version)``, weights in place, no resta
   in-process route above; CUDA IPC handles are the alternative when they share a GPU
   across processes, not implemented here.)
 
+LoRA (``lora=`` or ``enable_lora(settings)``, which ``build.prepare_generator`` calls with
+``--lora-rank``): the engine is built with ``enable_lora=True, max_lora_rank=R`` (rounded up
+to a rank vLLM allows), ``max_loras=1``, and ``update_weights`` takes the adapters only (the
+learner's ``generation_weights``): they are written in peft's format
+(``lora.write_adapter_folder``) to a folder per version under ``/dev/shm`` (memory-backed; the
+previous version's folder and vLLM adapter are removed), and every request then carries
+``LoRARequest(f"v{version}", version + 1, folder)``. Where the engine cannot be built with
+``enable_lora``, it is built without it (logged once) and the adapters are merged here into
+the checkpoint's weights, ``W + (alpha / r) B A``, and sent as a full update.
+
 Every update checks the keys against the Hugging Face model's own state dict (built on
 the meta device, tied parameters grouped): a missing or unexpected key raises
 ``KeyError``, as in the transformers generator, because silently keeping stale weights
@@ -74,11 +84,16 @@ embeddings included. The CPU attention kernels need a head dimension in
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
+import shutil
+import tempfile
 import threading
+import typing
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -91,11 +106,15 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 import vllm  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase  # noqa: E402
+from vllm.config.lora import MaxLoRARanks  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
+from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
 
+from rlvr.trainer.engines.lora import LoraSettings, is_adapter_key, write_adapter_folder  # noqa: E402
 from rlvr.trainer.engines.transformers_generator import check_request, eos_token_ids  # noqa: E402
 from rlvr.trainer.protocols import Completion, SamplingParams  # noqa: E402
 
@@ -123,6 +142,7 @@ def _quiet_known_noise() -> None:
 
 
 _EXTENSION = f"{__name__}.WeightSyncExtension"
+logger = logging.getLogger(__name__)
 
 
 class VLLMGenerator:
@@ -139,6 +159,7 @@ class VLLMGenerator:
         dtype: str | None = None,
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.5,
+        lora: LoraSettings | None = None,
         **llm_kwargs: Any,
     ):
         """Start the engine on ``model`` (a local folder or hub id, what ``vllm.LLM`` takes).
@@ -160,24 +181,44 @@ class VLLMGenerator:
         trust = bool(llm_kwargs.get("trust_remote_code", False))
         config = AutoConfig.from_pretrained(self.model, trust_remote_code=trust)
         self._key_groups = _state_dict_groups(config, trust)
+        self._model_class = getattr(transformers, (config.architectures or [""])[0], None)
         self.eos_ids = eos_token_ids(SimpleNamespace(generation_config=_generation_config(self.model)), tokenizer)
         llm_kwargs.setdefault("generation_config", "vllm")
         llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         if llm_kwargs["logprobs_mode"] != "processed_logprobs":
             raise ValueError("logprobs must be of the sampled distribution: logprobs_mode='processed_logprobs'")
+        self._llm_args: dict[str, Any] = dict(
+            model=self.model,
+            seed=seed,
+            dtype=dtype or "auto",
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            worker_extension_cls=_EXTENSION,
+            **llm_kwargs,
+        )
+        self.lora: LoraSettings | None = None
+        self._lora_request: Any = None
+        self._merge_base: dict[str, torch.Tensor] | None = None  # the fallback: enable_lora failed
+        self._shm: str | None = None
+        self._start(lora)
+
+    def _start(self, lora: LoraSettings | None) -> None:
+        """Build the engine (with ``enable_lora`` for ``lora``; without it, merging, if that fails)."""
         # The in-process engine reseeds Python, NumPy and torch globally (vLLM warns about
         # it); keep the caller's streams as they were.
         set_num_threads = torch.set_num_threads
+        extra = {} if lora is None else _lora_engine_args(lora)
         with _preserved_global_rng():
-            self.llm = vllm.LLM(
-                model=self.model,
-                seed=seed,
-                dtype=dtype or "auto",
-                max_model_len=max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization,
-                worker_extension_cls=_EXTENSION,
-                **llm_kwargs,
-            )
+            try:
+                self.llm = vllm.LLM(**self._llm_args, **extra)
+            except Exception as error:  # noqa: BLE001 - fall back to merging, said once
+                if lora is None:
+                    raise
+                logger.warning("vLLM with enable_lora failed (%s); merging the adapters into full weights", error)
+                gc.collect()
+                self.llm = vllm.LLM(**self._llm_args)
+                self._merge_base = _base_weights(self.model, bool(self._llm_args.get("trust_remote_code")))
+        self.lora = lora
         _quiet_known_noise()
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its
         # OpenMP threads; in-process that would silently disable the caller's thread control.
@@ -185,8 +226,16 @@ class VLLMGenerator:
         parallel = self.llm.llm_engine.vllm_config.parallel_config
         in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and parallel.world_size == 1
         self._nccl: _NcclSender | None = None
-        if platform == "cuda" and not in_process:
+        if current_platform.device_type == "cuda" and not in_process:
             self._nccl = _NcclSender(self.llm, parallel.world_size)
+
+    def enable_lora(self, lora: LoraSettings) -> None:
+        """Take ``lora``'s adapters in ``update_weights`` from now on; rebuilds an engine built without them."""
+        if self.lora == lora:
+            return
+        del self.llm  # one in-process engine at a time: shut this one down first
+        gc.collect()
+        self._start(lora)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         """Return ``n`` completions for each prompt, in prompt order."""
@@ -194,7 +243,7 @@ class VLLMGenerator:
         base = params.seed if params.seed is not None else self._rng.getrandbits(63)
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [self._request_params(params, n, _request_seed(base, i)) for i in range(len(prompts))]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False, lora_request=self._lora_request)
         groups = []
         for prompt, out in zip(prompts, outputs):
             samples = sorted(out.outputs, key=lambda o: o.index)  # the n samples, in sample order
@@ -208,12 +257,37 @@ class VLLMGenerator:
         from it, so vLLM reloads every layer that uses it); any other missing or
         unexpected key raises ``KeyError`` and leaves the engine and ``version`` as they were.
         """
+        if self.lora is not None:
+            if self._merge_base is None:
+                self._load_adapters(state_dict, version)
+                return
+            state_dict = _merged(self._merge_base, state_dict, self.lora.alpha / self.lora.rank)
         weights = _complete_weights(state_dict, self._key_groups)
         if self._nccl is not None:
             self._nccl.send(weights)
         else:
             self.llm.collective_rpc("rlvr_reload_weights", args=(weights,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self.version = version
+
+    def _load_adapters(self, adapters: Mapping[str, torch.Tensor], version: int) -> None:
+        """Write ``adapters`` as a peft folder in /dev/shm (this version's; the last one's goes) and sample with it."""
+        bad = sorted(k for k in adapters if not is_adapter_key(k))
+        if bad or not adapters:
+            raise KeyError(f"update_weights: an enable_lora engine takes LoRA adapters only, got {bad or 'none'}")
+        if self._shm is None:
+            root = "/dev/shm" if os.path.isdir("/dev/shm") else None  # memory-backed where there is one
+            self._shm = tempfile.mkdtemp(prefix="rlvr-lora-", dir=root)
+            weakref.finalize(self, shutil.rmtree, self._shm, True)
+        folder = os.path.join(self._shm, f"v{version}")
+        shutil.rmtree(folder, ignore_errors=True)
+        write_adapter_folder(self.lora, adapters, folder, self.model, self._model_class)
+        previous, self._lora_request = self._lora_request, LoRARequest(f"v{version}", version + 1, folder)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            if previous.lora_path != folder:
+                shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
         self.version = version
 
     def _request_params(self, params: SamplingParams, n: int, seed: int) -> vllm.SamplingParams:
@@ -355,6 +429,33 @@ def _complete_weights(
         source = state_dict[next(name for name in names if name in state_dict)].detach()
         weights.extend((name, state_dict[name].detach() if name in state_dict else source) for name in names)
     return weights
+
+
+def _lora_engine_args(lora: LoraSettings) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for ``lora``'s adapters: one at a time, max rank the next one vLLM allows."""
+    ranks = [r for r in typing.get_args(MaxLoRARanks) if r >= lora.rank]
+    return {"enable_lora": True, "max_lora_rank": min(ranks) if ranks else lora.rank, "max_loras": 1}
+
+
+def _base_weights(model: str, trust_remote_code: bool) -> dict[str, torch.Tensor]:
+    """Return the checkpoint's weights by Hugging Face name (what the merge fallback adds the adapters to)."""
+    loaded = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return {k: v.detach() for k, v in loaded.state_dict().items()}
+
+
+def _merged(
+    base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], scaling: float
+) -> dict[str, torch.Tensor]:
+    """Return ``base`` with ``W + scaling * B A`` for each layer in ``adapters`` (the injected module's names)."""
+    merged = dict(base)
+    for key, a in adapters.items():
+        if ".lora_A." not in key:
+            continue
+        layer = key.split(".lora_A.")[0]
+        b = adapters[key.replace(".lora_A.", ".lora_B.")]
+        w = base[f"{layer}.weight"]
+        merged[f"{layer}.weight"] = (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
+    return merged
 
 
 def _generation_config(model: str) -> GenerationConfig | None:
