@@ -48,6 +48,7 @@ from rlvr.trainer.bookkeeping.metrics import dynamic_metrics, rollout_metrics, t
 from rlvr.trainer.config import ConfigError, TrainConfig
 from rlvr.trainer.engines.build import build_generator, choose_generator, max_context, model_source, prepare_generator
 from rlvr.trainer.engines.distributed import world_size
+from rlvr.trainer.engines.lora import LoraSettings
 from rlvr.trainer.engines.models import load_tokenizer
 from rlvr.trainer.protocols import Generator, Learner, SamplingParams
 
@@ -170,8 +171,9 @@ class Player:
         tokenizer = load_tokenizer(config.model) if tokenizer is None else tokenizer
         choice = choose_generator(config.generator, device)
         generator = build_generator(
-            choice, config.model, tokenizer, device, seed=config.seed, model=model, threads=threads
-        )
+            choice, config.model, tokenizer, device, seed=config.seed, model=model, threads=threads,
+            lora=LoraSettings.of(config) if model is None else None,
+        )  # fmt: skip
         if model is None:
             prepare_generator(generator, config, device)  # LoRA: the learner's adapters, to be taken in place
             generator.version = -1  # nothing received yet: the loaded weights are never used

@@ -138,6 +138,7 @@ def build_generator(
     seed: int = 0,
     model: torch.nn.Module | None = None,
     threads: int = 0,
+    lora: LoraSettings | None = None,
 ) -> Generator:
     """Build the generator ``choice`` names for ``--model model_name``.
 
@@ -146,6 +147,8 @@ def build_generator(
     default the generator loads its own copy of the model. vLLM always loads its own copy
     from disk, and then receives the learner's weights through ``update_weights``.
     ``threads`` is the CPU threads the process may use (0: all), for vLLM's CPU build.
+    ``lora``: a LoRA run's adapters, for which a vLLM engine is built with ``enable_lora`` at
+    once (``prepare_generator`` would otherwise rebuild it).
     """
     if choice.kind == "vllm":
         if model_name is not None and is_adapter_folder(model_name):
@@ -156,8 +159,9 @@ def build_generator(
         from rlvr.trainer.engines.vllm_generator import VLLMGenerator
 
         return VLLMGenerator(
-            model_source(model_name), tokenizer, device=str(device), seed=seed, **vllm_settings(device, threads)
-        )
+            model_source(model_name), tokenizer, device=str(device), seed=seed, lora=lora,
+            **vllm_settings(device, threads),
+        )  # fmt: skip
     if model is None:
         model = load_model(model_name)[0]
     return TransformersGenerator(model.to(device), tokenizer, device=device, seed=seed)
