@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from rlvr.trainer.algorithm.rollout import Episode
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.verifiers.sandbox import ISOLATION_LEVELS, SandboxError, run_in_sandbox
@@ -106,6 +108,26 @@ def tiny_config(assets: Path, out: Path, **overrides) -> TrainConfig:
         "progress": False,
     }
     return TrainConfig(**(values | overrides))
+
+
+def ragged_episode(rng: torch.Generator, vocab: int, group: int, prompt: int, turns: list[tuple[int, int]]) -> Episode:
+    """A prompt of ``prompt`` tokens, then per turn ``(model tokens, env tokens)``: masks 0/1/0/1...
+
+    Random ids (3 and up: not pad or EOS) and behaviour log-probabilities, for the learner tests
+    that compare two ways of computing the same loss on ragged multi-turn batches.
+    """
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=rng).tolist()  # noqa: E731 (3+: not pad/eos)
+    tokens, mask, logprobs, turn_ids = [], [], [], []
+    for k, (model_n, env_n) in enumerate(turns):
+        tokens += ids(model_n) + ids(env_n)
+        mask += [1] * model_n + [0] * env_n
+        logprobs += (-torch.rand(model_n, generator=rng) * 3).tolist() + [0.0] * env_n
+        turn_ids += [k] * (model_n + env_n)
+    return Episode(
+        group=group, task_id=str(group), prompt_ids=ids(prompt), token_ids=tokens, loss_mask=mask,
+        logprobs=logprobs, turn_ids=turn_ids, turn_rewards=[0.0] * len(turns),
+        completions=[""] * len(turns), versions=[0] * len(turns),
+    )  # fmt: skip
 
 
 def _unavailable(level: str) -> str | None:

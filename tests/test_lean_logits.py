@@ -14,11 +14,11 @@ import contextlib
 
 import pytest
 import torch
+from conftest import ragged_episode
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
 from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
-from rlvr.trainer.algorithm.rollout import Episode
 from rlvr.trainer.engines import torch_learner
 from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.trainer.engines.torch_learner import TorchLearner
@@ -35,22 +35,6 @@ def _model(tokenizer, seed: int = 0) -> torch.nn.Module:
     return build_tiny_model(tokenizer, seed=seed, **TEST_SIZE.__dict__)
 
 
-def _episode(rng: torch.Generator, vocab: int, group: int, prompt: int, turns: list[tuple[int, int]]) -> Episode:
-    """A prompt of ``prompt`` tokens, then per turn ``(model tokens, env tokens)``: masks 0/1/0/1..."""
-    ids = lambda n: torch.randint(3, vocab, (n,), generator=rng).tolist()  # noqa: E731 (3+: not pad/eos)
-    tokens, mask, logprobs, turn_ids = [], [], [], []
-    for k, (model_n, env_n) in enumerate(turns):
-        tokens += ids(model_n) + ids(env_n)
-        mask += [1] * model_n + [0] * env_n
-        logprobs += (-torch.rand(model_n, generator=rng) * 3).tolist() + [0.0] * env_n
-        turn_ids += [k] * (model_n + env_n)
-    return Episode(
-        group=group, task_id=str(group), prompt_ids=ids(prompt), token_ids=tokens, loss_mask=mask,
-        logprobs=logprobs, turn_ids=turn_ids, turn_rewards=[0.0] * len(turns),
-        completions=[""] * len(turns), versions=[0] * len(turns),
-    )  # fmt: skip
-
-
 def _batch(tokenizer, seed: int = 0) -> TrainBatch:
     """Six ragged episodes (right-padded by ``pack_episodes``), single- and multi-turn, random advantages."""
     rng = torch.Generator().manual_seed(seed)
@@ -62,7 +46,7 @@ def _batch(tokenizer, seed: int = 0) -> TrainBatch:
         (4, [(6, 4), (3, 0)]),
         (10, [(5, 1), (1, 0)]),
     ]
-    episodes = [_episode(rng, len(tokenizer), i // 3, p, turns) for i, (p, turns) in enumerate(shapes)]
+    episodes = [ragged_episode(rng, len(tokenizer), i // 3, p, turns) for i, (p, turns) in enumerate(shapes)]
     advantages = [(torch.randn(len(t), generator=rng)).tolist() for _, t in shapes]
     return pack_episodes(episodes, advantages, tokenizer.pad_token_id)
 
