@@ -70,8 +70,12 @@ class TrainBatch:
         ``num_sequences`` / ``num_tokens`` keep the whole batch's counts, so the losses of
         the slices add up to the loss of the batch.
         """
-        for start in range(0, self.size, size):
-            yield self.select(slice(start, start + size))
+        for rows in self.row_slices(size):
+            yield self.select(rows)
+
+    def row_slices(self, size: int) -> list[slice]:
+        """Return the rows of consecutive micro-batches of ``size`` rows: the learner's plan without a token budget."""
+        return [slice(start, start + size) for start in range(0, self.size, size)]
 
     def select(self, rows: slice | Sequence[int] | torch.Tensor) -> TrainBatch:
         """Rows ``rows`` (a slice, or any subset in that order), trimmed to their longest: one micro-batch.

@@ -185,7 +185,7 @@ class MicroBatchLearner:
         collectives in every micro-batch's passes (a collective, like ``step``).
         """
         if self.micro_batch_tokens <= 0:
-            return [slice(i, i + self.micro_batch_size) for i in range(0, batch.size, self.micro_batch_size)]
+            return batch.row_slices(self.micro_batch_size)
         lengths = batch.attention_mask.sum(-1).tolist()
         groups = plan_micro_batches(lengths, self.micro_batch_tokens, padded=not self._packs_rows())
         most = self._all_reduce({"micro_batches_max": float(len(groups))})["micro_batches_max"]
