@@ -171,7 +171,12 @@ def episode_returns(turn_rewards: Sequence[Sequence[Sequence[float]]]) -> torch.
     )
 
 
-def zero_spread_fraction(returns: torch.Tensor, atol: float = 1e-8) -> float:
+SPREAD_ATOL = 1e-8
+"""Returns of a group closer than this are equal: the group has no spread, hence no advantage
+(``zero_spread_fraction`` here, dynamic sampling's ``has_spread``)."""
+
+
+def zero_spread_fraction(returns: torch.Tensor, atol: float = SPREAD_ATOL) -> float:
     """Fraction of groups (rows of ``[num_groups, group_size]``) whose returns are all equal.
 
     Such groups have zero advantage everywhere and teach nothing; a fraction near 1 means

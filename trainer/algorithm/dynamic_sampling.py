@@ -53,10 +53,8 @@ import dataclasses
 import random
 from collections.abc import Callable, Sequence
 
+from rlvr.trainer.algorithm.advantages import SPREAD_ATOL
 from rlvr.trainer.algorithm.rollout import Episode, Played, RolloutBatch, TaskRef
-
-SPREAD_ATOL = 1e-8
-"""Returns closer than this are equal (as ``advantages.zero_spread_fraction`` counts them)."""
 
 EXTRA_INDEX_STRIDE = 2**40
 """Round ``r`` of a procedural env plays task ``r * stride + cursor`` (round 0: the schedule's ``cursor``).
