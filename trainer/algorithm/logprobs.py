@@ -32,6 +32,8 @@ Two things trainers get silently wrong, and what this module does about them:
   padding-free sequence, each row at its own positions and attending only to itself
   (``algorithm/packing.py``), and the results come back in the rows' ``[B, T-1]`` layout:
   callers see the same tensors as from a padded pass.
+* **Shared prompts.** With a ``prefix`` plan the rows of a group run their common prompt
+  through the body once (``algorithm/shared_prefix.py``); same outputs again.
 
 Entropy is of the same tempered distribution: ``H = logsumexp(z) - sum softmax(z) * z``.
 """
@@ -44,6 +46,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlvr.trainer.algorithm.packing import PackedRows, packed_hidden_states
+from rlvr.trainer.algorithm.shared_prefix import SharedPrefix, scored_targets
 
 DEFAULT_CHUNK_TOKENS = 1024
 """Positions per LM-head chunk: ``[chunk, V]`` float32 logits live at once (4 MiB at V=1k)."""
@@ -78,6 +81,7 @@ def sequence_logprobs(
     positions: torch.Tensor | None = None,
     recompute_head: bool | None = None,
     packed: bool = False,
+    prefix: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """Teacher-forced log pi(x[t+1] | x[<=t]) for every t: [B, T] -> [B, T-1] float32.
 
@@ -86,10 +90,12 @@ def sequence_logprobs(
     wanted, e.g. a loss mask) limits the LM head to those targets; the others are 0 too.
     ``recompute_head``: see :func:`_chunked` (None, the default, decides by chunk count).
     ``packed``: run the body on the rows packed without padding (right-padded rows only,
-    ``algorithm/packing.py``); the output is the same ``[B, T-1]``.
+    ``algorithm/packing.py``); the output is the same ``[B, T-1]``. ``prefix``: run the body
+    through the rows' shared prefixes (``algorithm/shared_prefix.py``), a plan made for these
+    rows and ``positions``; the output is the same again.
     """
     return _score(
-        model, input_ids, attention_mask, temperature, chunk_tokens, False, positions, recompute_head, packed
+        model, input_ids, attention_mask, temperature, chunk_tokens, False, positions, recompute_head, packed, prefix
     ).logprobs
 
 
@@ -103,9 +109,12 @@ def sequence_logprobs_and_entropy(
     positions: torch.Tensor | None = None,
     recompute_head: bool | None = None,
     packed: bool = False,
+    prefix: SharedPrefix | None = None,
 ) -> TokenLogprobs:
     """Like :func:`sequence_logprobs`, plus the entropy of each next-token distribution."""
-    return _score(model, input_ids, attention_mask, temperature, chunk_tokens, True, positions, recompute_head, packed)
+    return _score(
+        model, input_ids, attention_mask, temperature, chunk_tokens, True, positions, recompute_head, packed, prefix
+    )
 
 
 def _score(
@@ -118,6 +127,7 @@ def _score(
     positions: torch.Tensor | None = None,
     recompute_head: bool | None = None,
     packed: bool = False,
+    prefix: SharedPrefix | None = None,
 ) -> TokenLogprobs:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
@@ -129,12 +139,10 @@ def _score(
     model = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
     batch, length = input_ids.shape
     targets = input_ids[:, 1:]  # [B, T-1]
+    if positions is not None and positions.shape != targets.shape:
+        raise ValueError(f"positions must be [B, T-1] = {tuple(targets.shape)}, got {tuple(positions.shape)}")
     # Score only positions whose target is a real token; pads would waste LM-head work.
-    valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # [B, T-1]
-    if positions is not None:
-        if positions.shape != targets.shape:
-            raise ValueError(f"positions must be [B, T-1] = {tuple(targets.shape)}, got {tuple(positions.shape)}")
-        valid = valid & positions.bool()
+    valid = scored_targets(attention_mask, positions)  # [B, T-1]
     # The body alone (no LM head): for a transformers causal LM ``base_model`` is the
     # decoder stack its own forward calls, so hidden states are exactly what it would feed
     # its head, final norm included.
@@ -142,6 +150,9 @@ def _score(
         rows = PackedRows.of(input_ids, attention_mask)
         hidden = packed_hidden_states(model, rows)[0]  # [N, H]
         scored = hidden[rows.target_index(valid)]  # [n, H]
+    elif prefix is not None:
+        hidden = prefix.hidden_states(model)  # [B, S, H]: the rows after their prefixes
+        scored = hidden[prefix.suffix_valid(valid)]  # [n, H], in valid's order
     else:
         hidden = model.base_model(
             input_ids=input_ids,

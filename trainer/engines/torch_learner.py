@@ -39,6 +39,10 @@ and padding are most positions of an RLVR batch and the loss never reads them. E
 step's metrics carry its peak memory (``engines/memory.py``: resident set, and the CUDA
 allocator's peaks on a GPU), the largest rank's under data parallel.
 
+The rows of a GRPO group begin with the same prompt; on padded micro-batches each distinct
+prompt runs through the body once and the rows continue from its cached keys and values
+(``SHARE_PREFIX``, ``algorithm/shared_prefix.py``), in every pass, with the same numbers.
+
 With ``micro_batch_tokens`` (``--micro-batch-tokens``) the micro-batches are groups of rows
 of at most that many real tokens, each run packed without padding
 (``algorithm/packing.py``); the step plans them once and every pass (pi_prox, pi_ref, each
@@ -61,6 +65,7 @@ from rlvr.trainer.algorithm.batch import TrainBatch
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
 from rlvr.trainer.algorithm.losses import LossFn, LossInputs, LossOutputs, Objective
 from rlvr.trainer.algorithm.packing import even_out, packed_attention_error, plan_micro_batches
+from rlvr.trainer.algorithm.shared_prefix import SharedPrefix, shared_prefix_error
 from rlvr.trainer.engines import lora
 from rlvr.trainer.engines.memory import StepMemory
 
@@ -75,6 +80,12 @@ pi_prox, pi_ref, mu, entropy) is multiplied by the loss mask, so the other colum
 never used: they are 0 here instead of computed. ``False`` restores the head at every real
 position, recomputed in backward, as before issue 23; it stays only so that ``scripts/bench_learner.py`` and
 ``tests/test_lean_logits.py`` can compare the two paths side by side (not a user flag)."""
+
+SHARE_PREFIX = True
+"""Run each group's shared prompt through the model body once per micro-batch, not once per
+row (``algorithm/shared_prefix.py``; lean path, padded micro-batches). The numbers are the
+same to float rounding; ``False`` is kept for ``scripts/bench_learner.py`` and the tests
+that compare the two (not a user flag)."""
 
 # Diagnostics of LossOutputs averaged over micro-batches (token-weighted) and iterations.
 # Keys of the token count and entropy sum while metric sums are reduced over ranks.
@@ -129,6 +140,7 @@ class MicroBatchLearner:
         self.micro_batch_size = micro_batch_size
         self.micro_batch_tokens = micro_batch_tokens
         self._packs: bool | None = None  # whether the model takes packed rows; probed on first use
+        self._shares: bool | None = None  # whether it takes a shared prefix's cache; likewise
         self.temperature = temperature
         self.version = version
 
@@ -147,15 +159,16 @@ class MicroBatchLearner:
             self.version += 1
             return {"skipped": 1.0, "train_tokens": 0.0, "learning_rate": self._learning_rate(), **self._peaks(memory)}
         groups = self._micro_batches(batch)  # planned once: every pass uses the same micro-batches
+        plans = self._prefix_plans(batch, groups)  # and the same shared prefixes
         if batch.old_logprobs is None and self.num_iterations > 1:
-            batch.old_logprobs = self._score(self.model, batch, groups)
+            batch.old_logprobs = self._score(self.model, batch, groups, plans)
         if self.ref_model is not None and batch.ref_logprobs is None:
-            batch.ref_logprobs = self._score(self.ref_model, batch, groups)
+            batch.ref_logprobs = self._score(self.ref_model, batch, groups, plans)
         totals: dict[str, float] = dict.fromkeys((*_LOSS_METRICS, "loss", "grad_norm"), 0.0)
         entropy = math.nan
         for iteration in range(self.num_iterations):
             self._zero_grad()
-            sums, ent = self._accumulate(batch, groups, loss_fn, with_entropy=iteration == 0)
+            sums, ent = self._accumulate(batch, groups, plans, loss_fn, with_entropy=iteration == 0)
             if iteration == 0:
                 entropy = ent
             grad_norm = self._optimizer_step()
@@ -206,25 +219,66 @@ class MicroBatchLearner:
                 )
         return self._packs
 
-    @torch.no_grad()
-    def _score(self, model: torch.nn.Module, batch: TrainBatch, groups: list[slice | torch.Tensor]) -> torch.Tensor:
-        """Log-probabilities of every target token under ``model``: [B, T-1], no grad."""
-        out = torch.zeros_like(batch.loss_mask)  # [B, T-1]
+    def _prefix_plans(self, batch: TrainBatch, groups: list[slice | torch.Tensor]) -> list[SharedPrefix | None]:
+        """Each micro-batch's shared prefixes (``algorithm/shared_prefix.py``), None where it runs padded.
+
+        Padded micro-batches on the lean path only (the plan is made for the loss mask's
+        targets). Under data parallel a micro-batch shares only where it does on every
+        rank: ZeRO-3 gathers parameters in each body call, so every rank must make as many.
+        """
+        if not (LEAN_LOGITS and SHARE_PREFIX) or (self.micro_batch_tokens > 0 and self._packs):
+            return [None] * len(groups)
+        plans = []
         for rows in groups:
             mb = batch.select(rows)
+            plans.append(SharedPrefix.plan(mb.input_ids, mb.attention_mask, mb.loss_mask))
+        agreed = self._all_reduce({f"prefix{i}_min": float(p is not None) for i, p in enumerate(plans)})
+        if not any(agreed.values()) or not self._shares_prefix():
+            return [None] * len(groups)
+        return [p if agreed[f"prefix{i}_min"] == 1.0 else None for i, p in enumerate(plans)]
+
+    def _shares_prefix(self) -> bool:
+        """Whether the model passed the shared-prefix probe (on every rank); says so once if not."""
+        if self._shares is None:
+            error = shared_prefix_error(self.model, self.device)
+            self._shares = self._all_reduce({"shares_min": float(error is None)})["shares_min"] == 1.0
+            if not self._shares:
+                logger.warning(
+                    "the rows of a group will each run their shared prompt through the model: %s",
+                    error or "another rank's model does not take a shared prefix",
+                )
+        return self._shares
+
+    @torch.no_grad()
+    def _score(
+        self,
+        model: torch.nn.Module,
+        batch: TrainBatch,
+        groups: list[slice | torch.Tensor],
+        plans: list[SharedPrefix | None],
+    ) -> torch.Tensor:
+        """Log-probabilities of every target token under ``model``: [B, T-1], no grad."""
+        out = torch.zeros_like(batch.loss_mask)  # [B, T-1]
+        for rows, plan in zip(groups, plans):
+            mb = batch.select(rows)
             lp = sequence_logprobs(
-                model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **self._head_args(mb)
+                model, mb.input_ids, mb.attention_mask, **self._head_args(mb, plan)
             )  # [b, t-1]: the micro-batch's rows, trimmed to its longest
             out[rows, : lp.shape[1]] = lp
         return out
 
-    def _head_args(self, mb: TrainBatch) -> dict[str, Any]:
-        """Keyword arguments of the log-prob functions: where the LM head runs, and packed or padded."""
+    def _head_args(self, mb: TrainBatch, plan: SharedPrefix | None) -> dict[str, Any]:
+        """Keyword arguments of the log-prob functions: temperature, where the LM head runs, how the body runs."""
         packed = self.micro_batch_tokens > 0 and bool(self._packs)
-        return {**_head_args(mb), "packed": packed}
+        return {**_head_args(mb), "temperature": self.temperature, "packed": packed, "prefix": plan}
 
     def _accumulate(
-        self, batch: TrainBatch, groups: list[slice | torch.Tensor], loss_fn: LossFn, with_entropy: bool
+        self,
+        batch: TrainBatch,
+        groups: list[slice | torch.Tensor],
+        plans: list[SharedPrefix | None],
+        loss_fn: LossFn,
+        with_entropy: bool,
     ) -> tuple[dict[str, float], float]:
         """Forward and backward every micro-batch; return token-weighted mean diagnostics.
 
@@ -236,19 +290,17 @@ class MicroBatchLearner:
         entropy_sum, tokens = 0.0, 0.0
         micro_batches = [batch.select(rows) for rows in groups]  # after pi_prox / pi_ref are filled in
         bonus = self.objective.needs_entropy  # the loss reads the entropy, with its gradient
-        for i, mb in enumerate(micro_batches):
+        for i, (mb, plan) in enumerate(zip(micro_batches, plans)):
             entropy = None
             if with_entropy or bonus:
                 scored = sequence_logprobs_and_entropy(
-                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **self._head_args(mb)
+                    self.model, mb.input_ids, mb.attention_mask, **self._head_args(mb, plan)
                 )
                 logprobs, entropy = scored.logprobs, scored.entropy  # [b, t-1] each
                 if with_entropy:
                     entropy_sum += float((entropy.detach() * mb.loss_mask).sum())
             else:
-                logprobs = sequence_logprobs(
-                    self.model, mb.input_ids, mb.attention_mask, temperature=self.temperature, **self._head_args(mb)
-                )
+                logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, **self._head_args(mb, plan))
             out: LossOutputs = loss_fn(_loss_inputs(mb, logprobs, entropy if bonus else None))
             self._backward(out.loss, last=i == len(micro_batches) - 1)
             n = float(mb.loss_mask.sum().item())
