@@ -136,15 +136,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_follow_the_torch_trajectory(tmp_path, batches, reference):
+def launch_two_ranks(tmp_path, batches, stages: str, kwargs: dict, *extra: str) -> dict[str, list[dict[str, float]]]:
+    """Run ``ds_rank_worker.py`` on two ranks (one launch for every stage); return its metrics by stage."""
     torch.save(batches, tmp_path / "batches.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(WORKER), "--batches", str(tmp_path / "batches.pt"), "--out", str(tmp_path), "--stages", "0,2,3",
-           "--kwargs", json.dumps(KW)]  # fmt: skip
+           str(WORKER), "--batches", str(tmp_path / "batches.pt"), "--out", str(tmp_path), "--stages", stages,
+           "--kwargs", json.dumps(kwargs), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    return json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_two_processes_follow_the_torch_trajectory(tmp_path, batches, reference):
+    metrics = launch_two_ranks(tmp_path, batches, "0,2,3", KW)
     for stage in ("0", "2", "3"):
         weights = torch.load(tmp_path / f"weights_{stage}.pt")
         _assert_same((metrics[stage], weights), reference)

@@ -7,9 +7,11 @@ and the same adapter initialisation on both sides (seeded before ``apply_lora``)
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from test_deepspeed_learner import KW, STEPS, _assert_same, _copy, _model, _run, batches  # noqa: F401
+from test_deepspeed_learner import KW, STEPS, _assert_same, _copy, _model, _run, batches, launch_two_ranks  # noqa: F401
 from test_deepspeed_learner import tokenizer as tokenizer  # noqa: F401 - a fixture
 
 from rlvr.trainer.algorithm.losses import make_loss_fn
@@ -73,3 +75,13 @@ def test_lora_save_and_load_continue_the_run(tokenizer, batches, tmp_path, stage
     b_.load(str(tmp_path / "ckpt"))
     assert b_.version == 2
     _assert_same(_run(b_, batches[2:]), _run(a, batches[2:]), exact=stage == 0)
+
+
+def test_two_processes_follow_the_torch_learners_lora_trajectory(tmp_path, batches, lora_reference):  # noqa: F811
+    """Adapters only, the reference with adapters off, on two ranks at ZeRO 2 and 3 (one launch)."""
+    settings = {"rank": SETTINGS.rank, "alpha": SETTINGS.alpha, "targets": list(TARGETS), "seed": 7}
+    metrics = launch_two_ranks(tmp_path, batches, "2,3", LORA_KW, "--beta", "0.04", "--lora", json.dumps(settings))
+    for stage in ("2", "3"):
+        weights = torch.load(tmp_path / f"weights_{stage}.pt")
+        assert set(weights) == set(lora_reference[1])  # the adapters, and nothing else, are sent
+        _assert_same((metrics[stage], weights), lora_reference)
