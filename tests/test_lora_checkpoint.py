@@ -16,6 +16,8 @@ from test_kill_resume import ENV, ROOT, _cmd, _comparable, _kill_after_step, _re
 
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs
 from rlvr.trainer.bookkeeping.evaluation import evaluate
+from rlvr.trainer.bookkeeping.metrics import read_metrics
+from rlvr.trainer.config import ConfigError
 from rlvr.trainer.engines import lora
 from rlvr.trainer.engines.models import load_model
 from rlvr.trainer.sync_loop import train
@@ -80,6 +82,21 @@ def test_merge_lora_writes_a_plain_model_with_the_same_numbers(assets, trained, 
     refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_lora.py"), str(out), str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)  # fmt: skip
     assert refused.returncode == 2 and "not a LoRA checkpoint" in refused.stderr
+
+
+def test_training_on_from_the_checkpoint_trains_every_weight_of_the_merged_model(assets, trained, tmp_path):
+    """``--model FOLDER`` without ``--lora-rank``: the merged model is the policy and the reference."""
+    base, merged = load_model(str(assets / "tiny"))[0].state_dict(), load_model(str(trained))[0].state_dict()
+    run = train(tiny_config(assets, tmp_path / "on", model=str(trained), beta=0.04, max_steps=1, learning_rate=1e-3))
+    (record,) = read_metrics(run.metrics_path)
+    assert record["kl"] == 0.0 and record["grad_norm"] > 0  # the reference is the policy it starts from: merged
+    on = load_model(str(run.checkpoint))[0].state_dict()
+    assert set(on) == set(merged) and not any("lora" in name for name in on)  # a plain model
+    moved = max(float((on[k] - merged[k]).abs().max()) for k in merged)  # one AdamW step: ~lr per weight
+    adapters = max(float((merged[k] - base[k]).abs().max()) for k in merged)
+    assert 0 < moved <= 1.5e-3 < adapters, (moved, adapters)
+    with pytest.raises(ConfigError, match="LoRA checkpoint"):
+        tiny_config(assets, tmp_path / "x", model=str(trained), lora_rank=4)  # new adapters on a merged model
 
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "16", "--learning-rate", "3e-3"]

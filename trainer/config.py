@@ -334,6 +334,14 @@ class TrainConfig:
         names = [n.strip() for n in self.lora_target_modules.split(",")]
         return [
             ("lora_rank", self.lora_rank >= 0, "must be >= 0 (0: no LoRA, every weight trains)"),
+            (
+                "lora_rank",
+                self.lora_rank == 0 or self.model is None or not (Path(self.model) / "adapter_config.json").is_file(),
+                f"must be 0 with --model {self.model}, a LoRA checkpoint: it loads with its adapters merged, so "
+                "new adapters would start from a model no folder holds. Continue the run that wrote it with "
+                "--resume, train every weight from it (no --lora-rank), or write the merged model with "
+                "`python scripts/merge_lora.py FOLDER OUT` and train new adapters on --model OUT",
+            ),
             ("lora_alpha", self.lora_alpha > 0, "must be > 0 (the adapters' scale is alpha / rank)"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)"),
             (

@@ -257,9 +257,16 @@ def load_default_model(
 def load_model(
     name_or_path: str | None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and tokenizer (``load_tokenizer``): the default model for None, else a hub id or path."""
+    """Load a causal LM and tokenizer (``load_tokenizer``): the default model for None, else a hub id or path.
+
+    A LoRA checkpoint folder (peft's files, as ``--lora-rank`` runs write them) loads as a
+    plain model: its base (``base_model_name_or_path``) with the adapters merged in, so
+    training every weight from it, evaluating it and sampling from it all see one model.
+    """
     if name_or_path is None:
         return load_default_model(dtype=dtype)
+    if (Path(name_or_path) / "adapter_config.json").is_file():
+        return _merged_adapters(name_or_path, dtype), load_tokenizer(name_or_path)
     # A per-tensor "Loading weights" bar is noise for a folder on disk; keep it for downloads.
     restore = Path(name_or_path).is_dir() and hf_logging.is_progress_bar_enabled()
     if restore:
@@ -270,6 +277,18 @@ def load_model(
         if restore:
             hf_logging.enable_progress_bar()
     return model.eval(), load_tokenizer(name_or_path)
+
+
+def _merged_adapters(folder: str, dtype: torch.dtype) -> PreTrainedModel:
+    """Return the base model of a LoRA checkpoint ``folder`` with its adapters merged into its weights."""
+    from peft import PeftModel
+
+    base_name = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"{folder}/adapter_config.json names no base_model_name_or_path: cannot load its base model")
+    base = load_model(base_name, dtype)[0]
+    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    return merged.requires_grad_(True).eval()  # peft froze the base's weights; a plain model trains them all
 
 
 def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
