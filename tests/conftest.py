@@ -7,7 +7,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -108,6 +110,31 @@ def tiny_config(assets: Path, out: Path, **overrides) -> TrainConfig:
         "progress": False,
     }
     return TrainConfig(**(values | overrides))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launcher's rendezvous or a Ray head)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DS_WORKER = Path(__file__).with_name("ds_rank_worker.py")
+
+
+def launch_two_ranks(tmp_path: Path, batches: list, stages: str, kwargs: dict, *extra: str) -> dict[str, list[dict]]:
+    """Run ``ds_rank_worker.py`` on two ranks under torchrun, every ZeRO stage in ``stages`` in one launch.
+
+    Returns its metrics by stage; its weights are in ``tmp_path / f"weights_{stage}.pt"``.
+    """
+    torch.save(batches, tmp_path / "batches.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(DS_WORKER), "--batches", str(tmp_path / "batches.pt"), "--out", str(tmp_path), "--stages", stages,
+           "--kwargs", json.dumps(kwargs), *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((tmp_path / "metrics.json").read_text())
 
 
 def ragged_episode(rng: torch.Generator, vocab: int, group: int, prompt: int, turns: list[tuple[int, int]]) -> Episode:

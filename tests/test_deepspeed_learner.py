@@ -22,13 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_two_ranks
 from test_learner import _batch
 
 from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
@@ -45,7 +43,6 @@ KW = dict(learning_rate=3e-3, max_grad_norm=0.5, warmup_steps=2, micro_batch_siz
 REWARDS = ([[1.0, 0.0, 0.0, 1.0], [0.0, 0.5, 1.0, 0.0]], [[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.2, 0.0]])
 STEPS = 4
 METRIC_RTOL, METRIC_ATOL, WEIGHT_ATOL = 1e-4, 1e-6, 2e-5
-WORKER = Path(__file__).with_name("ds_rank_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -128,24 +125,6 @@ def test_each_batch_says_which_loss_of_the_objective_it_takes(tokenizer, batches
     assert _learned(learner.step(_copy(batches[0]), on_policy=True)) == _learned(on_policy)
     stale_too = TorchLearner(_model(tokenizer), objective, **KW).step(_copy(batches[0]), on_policy=False)
     assert _learned(stale_too) == _learned(stale)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_ranks(tmp_path, batches, stages: str, kwargs: dict, *extra: str) -> dict[str, list[dict[str, float]]]:
-    """Run ``ds_rank_worker.py`` on two ranks (one launch for every stage); return its metrics by stage."""
-    torch.save(batches, tmp_path / "batches.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(WORKER), "--batches", str(tmp_path / "batches.pt"), "--out", str(tmp_path), "--stages", stages,
-           "--kwargs", json.dumps(kwargs), *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((tmp_path / "metrics.json").read_text())
 
 
 def test_two_processes_follow_the_torch_trajectory(tmp_path, batches, reference):

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.engines.build import EngineUnavailable, choose_generator, installed
@@ -157,15 +157,9 @@ def test_evaluate_with_vllm_prints_its_table():
 # --- two learner ranks under a launcher ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
     return _run(*launcher, str(ROOT / "scripts" / "train.py"), *args, timeout=600)
 
 

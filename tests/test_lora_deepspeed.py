@@ -11,7 +11,8 @@ import json
 
 import pytest
 import torch
-from test_deepspeed_learner import KW, STEPS, _assert_same, _copy, _model, _run, batches, launch_two_ranks  # noqa: F401
+from conftest import launch_two_ranks
+from test_deepspeed_learner import KW, STEPS, _assert_same, _copy, _model, _run, batches  # noqa: F401
 from test_deepspeed_learner import tokenizer as tokenizer  # noqa: F401 - a fixture
 
 from rlvr.trainer.algorithm.losses import make_loss_fn

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from rlvr.trainer.bookkeeping.metrics import read_metrics
 from rlvr.trainer.engines.build import installed
@@ -27,12 +27,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(not installed("ray"), reason="
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def process_tree(pid: int) -> list[int]:
@@ -63,7 +57,7 @@ def alive(pid: int) -> bool:
 
 def test_train_py_joins_a_two_node_cluster_and_leaves_it_as_it_found_it(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "cwd": tmp_path}
     head = subprocess.Popen([*RAY, "start", "--head", "--port", address.split(":")[1], "--num-cpus", "1",
                              "--include-dashboard", "false", "--block"], **quiet)  # fmt: skip

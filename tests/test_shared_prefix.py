@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ragged_episode
+from conftest import launch_two_ranks, ragged_episode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -275,8 +269,6 @@ def test_packed_micro_batches_do_not_share(tokenizer):
 
 # --- DeepSpeed ranks --------------------------------------------------------------------------
 
-WORKER = Path(__file__).with_name("ds_rank_worker.py")
-
 
 @pytest.mark.deepspeed
 def test_zero3_ranks_that_disagree_on_sharing_follow_the_torch_trajectory(tmp_path, tokenizer):
@@ -290,17 +282,7 @@ def test_zero3_ranks_that_disagree_on_sharing_follow_the_torch_trajectory(tmp_pa
     assert _plan(shards[0].select(slice(0, 2))) is not None and _plan(shards[1].select(slice(0, 2))) is not None
     want = TorchLearner(_model(tokenizer), make_loss_fn(), **kw)
     want_metrics = [want.step(dataclasses.replace(b)) for b in batches]
-    torch.save(batches, tmp_path / "batches.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(WORKER), "--batches", str(tmp_path / "batches.pt"), "--out", str(tmp_path), "--stages", "3",
-           "--kwargs", json.dumps(kw)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    got = json.loads((tmp_path / "metrics.json").read_text())["3"]
+    got = launch_two_ranks(tmp_path, batches, "3", kw)["3"]
     for g, w in zip(got, want_metrics, strict=True):
         for k in ("loss", "policy_loss", "grad_norm", "train_tokens", "ratio_mean"):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
