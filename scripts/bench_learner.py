@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The learner's step, full logits against logits only where the loss reads them, side by side.
+"""The learner's step: every position, only the scored tokens, and shared prompts, side by side.
 
     python scripts/bench_learner.py                              # issue 23's workload, beta 0 and 0.04
     python scripts/bench_learner.py --micro-batch-sizes 16 32 128 --sort-by-length
@@ -9,36 +9,49 @@ the default model (``trainer/engines/default_model``), every other setting ``Tra
 default. Rollouts are collected once (``--batches`` steps of the synchronous loop's
 ``Player``, all sampled by the initial weights, so every batch is on-policy); then, for
 each ``--betas`` value and micro-batch size, each batch is learned ``--repeats`` times by
-each path, alternating which goes first, every time from the same weights and a fresh
-optimizer. The two paths are ``torch_learner.LEAN_LOGITS``:
+each path, rotating which goes first, every time from the same weights and a fresh
+optimizer. The paths are switches of ``torch_learner``:
 
-- ``full``: the LM head, log-softmax and entropy at every real position (the code before
-  issue 23), for the policy and the reference passes;
-- ``lean``: only on the target tokens the loss scores.
+- ``full`` (``LEAN_LOGITS`` and ``SHARE_PREFIX`` off): the LM head, log-softmax and entropy
+  at every real position, recomputed in backward, every row's prompt run in full: the
+  code before issue 23, for the policy and the reference passes;
+- ``lean`` (``LEAN_LOGITS`` on): the head only on the target tokens the loss scores;
+- ``shared`` (both on, the default): also each group's prompt through the model body once
+  per micro-batch, the rows continuing from its cached keys and values
+  (``algorithm/shared_prefix.py``).
 
-The table gives the median seconds of ``learner.step`` per path, the ratio full / lean,
-both paths' loss and gradient norm (means over the batches), which must agree: the script
-exits 1 where they differ by more than float rounding, or where the ratio misses
-``--target`` on the first micro-batch size; and the median peak resident set of a step
-(``memory/peak_rss_gb``, GB). With one iteration the loss is the surrogate at ratio 1,
-whatever the log-probabilities (and the KL is 0: the reference starts as the policy), so
-it is the gradient norm that tells two paths apart. ``--sort-by-length`` adds rows where
-the batch's rows are sorted by length before the step (micro-batches then carry less
-padding; the loss is a sum over rows, so it does not change). On a shared machine the
-numbers are noisy: run it more than once. One torch thread by default: with two threads on
-two cores that other processes share, torch's thread pool waits on its busy peers and a
-step takes 5-10x longer, by chance more for one path than the other.
+The table gives the median seconds of ``learner.step`` per path, the ratios full / lean
+and full / shared, every path's gradient norm (means over the batches) and the median
+peak resident set of a step (``memory/peak_rss_gb``, GB). The paths must agree: the
+script exits 1 where a loss or gradient norm differs from the full path's by more than
+float rounding, or where full / shared misses ``--target`` on the first micro-batch size.
+With one iteration the loss is the surrogate at ratio 1, whatever the log-probabilities
+(and the KL is 0: the reference starts as the policy), so it is the gradient norm that
+tells paths apart. ``--sort-by-length`` adds rows where the batch's rows are sorted by
+length before the step (the loss is a sum over rows, so it does not change). On a shared
+machine the numbers are noisy: run it more than once. One torch thread by default: with
+two threads on two cores that other processes share, torch's thread pool waits on its
+busy peers and a step takes 5-10x longer, by chance more for one path than the other.
 
-Measured on the 2-vCPU development VM while other people's training runs kept its
-1-minute load at 6-7 (so the absolute seconds are inflated), two invocations of the
-defaults: beta 0, full 0.834 / 0.728 s, lean 0.599 / 0.571 s (1.39x, 1.27x); beta 0.04,
-full 0.960 / 1.003 s, lean 0.766 / 0.855 s (1.25x, 1.17x); equal losses and gradient norms
-throughout. 9% of the targets are scored, and a profile of the lean step puts the LM head
-at about 2% of it: what is left is the model body, which both paths run alike (with beta
-> 0 the reference's forward too, which is why that ratio is lower). Micro-batches of 32,
-64 and 128 rows did not time consistently faster than 16 on this model (1.16-1.23x,
-within the noise) and raise the step's peak resident set (0.53, 0.58, 0.67, 0.77 GB);
-sorting by length cannot help here (lengths 29.4 mean, 31 max).
+Measured on the idle 2-vCPU development VM, two invocations (the second with
+``--micro-batch-sizes 16 32 64``), equal gradient norms on every path throughout::
+
+    beta  micro  full s  lean s  shared s  full/lean  full/shared
+    0       16   0.501   0.395   0.230     1.27x      2.17x
+    0.04    16   0.642   0.534   0.316     1.20x      2.03x
+    0       16   0.500   0.398   0.220     1.25x      2.27x
+    0       32   0.493   0.387   0.172     1.28x      2.86x
+    0       64   0.520   0.376   0.154     1.38x      3.37x
+    0.04    16   0.653   0.561   0.329     1.16x      1.99x
+    0.04    32   0.641   0.508   0.227     1.26x      2.83x
+    0.04    64   0.606   0.448   0.178     1.35x      3.40x
+
+9% of the targets are scored and 27 of a row's 30 tokens are prompt. The head on scored
+targets alone gives 1.16-1.27x at 16 rows (the rest of a step is the model body, which
+that change leaves alone); sharing the prompts cuts the body's tokens about 4x (a group
+of 8 runs 26 prompt tokens once and 8 x ~4 after them, instead of 8 x 30), which gives
+2.0-2.3x at 16 rows, more with larger micro-batches (more rows per prompt, fewer calls).
+Peak resident set: 0.52-0.53 GB (shared) against 0.54 GB (full) at 16 rows.
 """
 
 from __future__ import annotations
