@@ -13,8 +13,9 @@ cannot hold (DAPO's overlong buffer, 13 of 64 tokens) is scaled to the same fift
 
 The table, per recipe (means over the seeds):
 
-- ``first10`` / ``last10``: the reward averaged over the first and the last 10 steps, and
-  ``rise``, their difference (the learning test asks >= 0.3 of each recipe);
+- ``first10`` / ``last30``: the reward averaged over the first 10 and the last 30 steps, and
+  ``rise``, their difference (``bookkeeping.metrics.reward_rise``: the learning test asks
+  >= 0.3 of each recipe);
 - ``to >= T``: the first step whose trailing 10-step mean reward reaches ``--threshold``
   ("-" if none does);
 - ``s/step``: the median of ``time/step``; ``wall s``: the run, process start included.
@@ -43,6 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlvr.trainer.bookkeeping.metrics import RISE_LAST_STEPS, reward_rise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,11 +84,11 @@ class RecipeRun:
 
     @property
     def first(self) -> float:
-        return statistics.fmean(self.rewards[:WINDOW])
+        return reward_rise(self.rewards)[0]
 
     @property
     def last(self) -> float:
-        return statistics.fmean(self.rewards[-WINDOW:])
+        return reward_rise(self.rewards)[1]
 
     def steps_to(self, threshold: float) -> int | None:
         """The first step whose trailing ``WINDOW``-step mean reward reaches ``threshold``."""
@@ -129,7 +132,7 @@ def run_recipes(
 
 def table(runs: list[RecipeRun], threshold: float) -> str:
     """The side-by-side table, one row per recipe (means over its seeds)."""
-    head = f"{'recipe':<14}{'seeds':>6}{'first10':>9}{'last10':>8}{'rise':>7}{f'to >= {threshold:g}':>10}"
+    head = f"{'recipe':<14}{'seeds':>6}{'first10':>9}{'last30':>8}{'rise':>7}{f'to >= {threshold:g}':>10}"
     head += f"{'s/step':>8}{'wall s':>8}"
     lines = [head, "-" * len(head)]
     for recipe in dict.fromkeys(r.recipe for r in runs):
@@ -186,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.5, help="reward for the 'steps to' column (default 0.5)")
     p.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "bench_recipes")
     args, extra = p.parse_known_args(argv)
-    if args.steps < WINDOW:
-        p.error(f"--steps must be >= {WINDOW} (the reward is averaged over {WINDOW} steps)")
+    if args.steps < RISE_LAST_STEPS:
+        p.error(f"--steps must be >= {RISE_LAST_STEPS} (the rise compares the last {RISE_LAST_STEPS} steps' reward)")
     print(f"{len(args.recipes)} recipes x {len(args.seeds)} seeds, {args.steps} steps, {args.jobs} at a time",
           file=sys.stderr)  # fmt: skip
     start = time.perf_counter()

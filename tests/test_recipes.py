@@ -2,9 +2,10 @@
 
 The fast tests read every file in ``trainer/recipes/`` and the command line around them. The
 slow tests train each recipe on ``arithmetic`` from the default model with the learning test's
-flags (``tests/test_learning.py``) and ask the rise that test asks (>= 0.3, first 10 steps
-against the last 10). They run through ``scripts/bench_recipes.py``, the benchmark that prints
-the recipes side by side, two runs at a time (each on one torch thread, one core each).
+flags (``tests/test_learning.py``) and ask the rise that test asks (>= 0.3, the first 10 steps'
+mean reward against the last 30 steps': ``bookkeeping.metrics.reward_rise``). They run
+through ``scripts/bench_recipes.py``, the benchmark that prints the recipes side by side, two
+runs at a time (each on one torch thread, one core each).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from rlvr.trainer import recipes
+from rlvr.trainer.bookkeeping.metrics import reward_rise
 from rlvr.trainer.config import TrainConfig, config_yaml
 from rlvr.trainer.flags import config_from_args, recipe_config, recipe_values
 
@@ -99,6 +101,14 @@ STEPS = 200
 """The learning test's steps (tests/test_learning.py)."""
 RISE = 0.3
 """The learning test's bar: the mean reward of the last 10 steps exceeds the first 10's by this."""
+
+
+def test_the_rise_compares_the_first_10_steps_with_the_last_30():
+    rewards = [0.0] * 10 + [0.5] * 160 + [0.2] * 20 + [0.9] * 10  # a last-10 spike is diluted
+    start, end = reward_rise(rewards)
+    assert start == 0.0 and end == pytest.approx((0.2 * 20 + 0.9 * 10) / 30)
+    with pytest.raises(ValueError, match="at least 30 steps"):
+        reward_rise(rewards[:29])
 
 
 def _bench():
