@@ -13,7 +13,7 @@ cannot hold (DAPO's overlong buffer, 13 of 64 tokens) is scaled to the same fift
 
 The table, per recipe (means over the seeds):
 
-- ``first10`` / ``last30``: the reward averaged over the first 10 and the last 30 steps, and
+- ``first10`` / ``2nd half``: the reward averaged over the first 10 steps and the run's second half, and
   ``rise``, their difference (``bookkeeping.metrics.reward_rise``: the learning test asks
   >= 0.3 of each recipe);
 - ``to >= T``: the first step whose trailing 10-step mean reward reaches ``--threshold``
@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlvr.trainer.bookkeeping.metrics import RISE_LAST_STEPS, reward_rise
+from rlvr.trainer.bookkeeping.metrics import RISE_FIRST_STEPS, reward_rise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def run_recipes(
 
 def table(runs: list[RecipeRun], threshold: float) -> str:
     """The side-by-side table, one row per recipe (means over its seeds)."""
-    head = f"{'recipe':<14}{'seeds':>6}{'first10':>9}{'last30':>8}{'rise':>7}{f'to >= {threshold:g}':>10}"
+    head = f"{'recipe':<14}{'seeds':>6}{'first10':>9}{'2nd half':>9}{'rise':>7}{f'to >= {threshold:g}':>10}"
     head += f"{'s/step':>8}{'wall s':>8}"
     lines = [head, "-" * len(head)]
     for recipe in dict.fromkeys(r.recipe for r in runs):
@@ -141,7 +141,7 @@ def table(runs: list[RecipeRun], threshold: float) -> str:
         to = "-" if None in reached else f"{statistics.fmean(reached):.0f}"  # type: ignore[arg-type]
         first, last = statistics.fmean(r.first for r in mine), statistics.fmean(r.last for r in mine)
         lines.append(
-            f"{recipe:<14}{len(mine):>6}{first:>9.3f}{last:>8.3f}{last - first:>+7.3f}{to:>10}"
+            f"{recipe:<14}{len(mine):>6}{first:>9.3f}{last:>9.3f}{last - first:>+7.3f}{to:>10}"
             f"{statistics.fmean(statistics.median(r.step_seconds) for r in mine):>8.3f}"
             f"{statistics.fmean(r.wall_seconds for r in mine):>8.0f}"
         )
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.5, help="reward for the 'steps to' column (default 0.5)")
     p.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "bench_recipes")
     args, extra = p.parse_known_args(argv)
-    if args.steps < RISE_LAST_STEPS:
-        p.error(f"--steps must be >= {RISE_LAST_STEPS} (the rise compares the last {RISE_LAST_STEPS} steps' reward)")
+    if args.steps < 2 * RISE_FIRST_STEPS:
+        p.error(f"--steps must be >= {2 * RISE_FIRST_STEPS}: the rise reads the first {RISE_FIRST_STEPS} steps")
     print(f"{len(args.recipes)} recipes x {len(args.seeds)} seeds, {args.steps} steps, {args.jobs} at a time",
           file=sys.stderr)  # fmt: skip
     start = time.perf_counter()

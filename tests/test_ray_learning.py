@@ -52,5 +52,5 @@ def test_two_ray_generators_at_staleness_1_raise_arithmetic_reward(tmp_path):
     assert statistics.fmean(r["staleness_mean"] for r in records) > 0.95  # really one step stale
     rewards = [r["reward_mean"] for r in records]
     first, last = reward_rise(rewards)
-    print(f"\nreward first 10 steps {first:.3f}, last 30 steps {last:.3f}, {STEPS} steps in {seconds:.0f} s")
+    print(f"\nreward first 10 steps {first:.3f}, second half {last:.3f}, {STEPS} steps in {seconds:.0f} s")
     assert last - first >= 0.3, f"reward rose only from {first:.3f} to {last:.3f}"
