@@ -208,8 +208,7 @@ class MicroBatchLearner:
     def _packs_rows(self) -> bool:
         """Whether micro-batches run packed: the model passed the probe (on every rank); says so once if not."""
         if self._packs is None:
-            error = packed_attention_error(self.model, self.device)
-            self._packs = self._all_reduce({"packs_min": float(error is None)})["packs_min"] == 1.0
+            self._packs, error = self._probe_on_every_rank(packed_attention_error)
             if not self._packs:
                 logger.warning(
                     "--micro-batch-tokens: %s; falling back to padded micro-batches of at most %d tokens "
@@ -218,6 +217,18 @@ class MicroBatchLearner:
                     self.micro_batch_tokens,
                 )
         return self._packs
+
+    def _probe_on_every_rank(
+        self, probe: Callable[[torch.nn.Module, torch.device], str | None]
+    ) -> tuple[bool, str | None]:
+        """Run ``probe`` (None: the model passes, else why not) here; return whether every rank passed, and this error.
+
+        The ranks must agree: both probes decide how micro-batches run, and ZeRO 2/3 collectives
+        must line up over ranks.
+        """
+        error = probe(self.model, self.device)
+        passed = self._all_reduce({"probe_min": float(error is None)})["probe_min"] == 1.0
+        return passed, error
 
     def _prefix_plans(self, batch: TrainBatch, groups: list[slice | torch.Tensor]) -> list[SharedPrefix | None]:
         """Each micro-batch's shared prefixes (``algorithm/shared_prefix.py``), None where it runs padded.
@@ -240,8 +251,7 @@ class MicroBatchLearner:
     def _shares_prefix(self) -> bool:
         """Whether the model passed the shared-prefix probe (on every rank); says so once if not."""
         if self._shares is None:
-            error = shared_prefix_error(self.model, self.device)
-            self._shares = self._all_reduce({"shares_min": float(error is None)})["shares_min"] == 1.0
+            self._shares, error = self._probe_on_every_rank(shared_prefix_error)
             if not self._shares:
                 logger.warning(
                     "the rows of a group will each run their shared prompt through the model: %s",
