@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rlvr.trainer.algorithm.rollout import Episode
 from rlvr.trainer.config import TrainConfig
@@ -135,6 +137,20 @@ def launch_two_ranks(tmp_path: Path, batches: list, stages: str, kwargs: dict, *
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((tmp_path / "metrics.json").read_text())
+
+
+def _mask_blind(module, query, key, value, attention_mask, **kwargs):
+    """sdpa that ignores the attention mask (plain causal, bottom-right aligned).
+
+    Right-padded rows alone are fine with it; packed rows leak into each other, and a shared
+    prefix's padding is attended to. The packing and shared-prefix probes must catch it.
+    """
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+MASK_BLIND_ATTENTION = "rlvr_test_mask_blind"
+"""A model's ``attn_implementation`` that ignores masks (``_mask_blind``), for the fallback tests."""
+AttentionInterface.register(MASK_BLIND_ATTENTION, _mask_blind)
 
 
 def ragged_episode(rng: torch.Generator, vocab: int, group: int, prompt: int, turns: list[tuple[int, int]]) -> Episode:

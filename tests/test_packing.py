@@ -18,10 +18,8 @@ import logging
 
 import pytest
 import torch
-from conftest import launch_two_ranks, ragged_episode, tiny_config
+from conftest import MASK_BLIND_ATTENTION, launch_two_ranks, ragged_episode, tiny_config
 from safetensors.torch import load_file
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
@@ -244,24 +242,16 @@ def test_ranks_get_as_many_micro_batches(tokenizer, monkeypatch):
 # --- the fallback ---------------------------------------------------------------------------
 
 
-def _causal_only(module, query, key, value, attention_mask, **kwargs):
-    """An attention that ignores the mask (plain causal): right-padded rows are fine, packed rows leak."""
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-
-
-AttentionInterface.register("rlvr_test_causal_only", _causal_only)
-
-
 def test_the_probe_tells_which_attention_keeps_rows_apart(tokenizer):
     for attn in ("sdpa", "eager"):
         assert packed_attention_error(_model(tokenizer, attn=attn), "cpu") is None, attn
-    error = packed_attention_error(_model(tokenizer, attn="rlvr_test_causal_only"), "cpu")
-    assert error and "rlvr_test_causal_only" in error and "does not keep packed rows apart" in error
+    error = packed_attention_error(_model(tokenizer, attn=MASK_BLIND_ATTENTION), "cpu")
+    assert error and MASK_BLIND_ATTENTION in error and "does not keep packed rows apart" in error
 
 
 def test_an_attention_that_cannot_pack_falls_back_to_padding_once(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="rlvr.trainer.engines.torch_learner"):
-        fallback = _step(tokenizer, BUDGET, attn="rlvr_test_causal_only", beta=0.04, steps=2)
+        fallback = _step(tokenizer, BUDGET, attn=MASK_BLIND_ATTENTION, beta=0.04, steps=2)
     warnings = [r.getMessage() for r in caplog.records if "--micro-batch-tokens" in r.getMessage()]
     assert len(warnings) == 1 and "falling back to padded micro-batches" in warnings[0]
     assert fallback[3]._packs is False

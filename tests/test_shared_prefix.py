@@ -17,9 +17,7 @@ import logging
 
 import pytest
 import torch
-from conftest import launch_two_ranks, ragged_episode
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from conftest import MASK_BLIND_ATTENTION, launch_two_ranks, ragged_episode
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs_and_entropy
@@ -233,28 +231,20 @@ def test_a_learner_step_equals_the_padded_one_with_fewer_tokens(tokenizer, kw):
 # --- the fallback ---------------------------------------------------------------------------
 
 
-def _no_padding_mask(module, query, key, value, attention_mask, **kwargs):
-    """An attention that ignores the mask (plain causal, bottom-right): blind to a prefix's padding."""
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-
-
-AttentionInterface.register("rlvr_test_no_padding_mask", _no_padding_mask)
-
-
 def test_the_probe_tells_which_attention_takes_a_shared_prefix(tokenizer):
     for attn in ("sdpa", "eager"):
         assert shared_prefix_error(_model(tokenizer, attn=attn), "cpu") is None, attn
-    error = shared_prefix_error(_model(tokenizer, attn="rlvr_test_no_padding_mask"), "cpu")
-    assert error and "rlvr_test_no_padding_mask" in error
+    error = shared_prefix_error(_model(tokenizer, attn=MASK_BLIND_ATTENTION), "cpu")
+    assert error and MASK_BLIND_ATTENTION in error
 
 
 def test_a_model_that_fails_the_probe_runs_padded_and_says_so_once(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="rlvr.trainer.engines.torch_learner"):
-        metrics, grads, _, tokens, learner = _step(tokenizer, True, attn="rlvr_test_no_padding_mask")
+        metrics, grads, _, tokens, learner = _step(tokenizer, True, attn=MASK_BLIND_ATTENTION)
     warnings = [r.getMessage() for r in caplog.records if "shared prompt" in r.getMessage()]
-    assert len(warnings) == 1 and "rlvr_test_no_padding_mask" in warnings[0]
+    assert len(warnings) == 1 and MASK_BLIND_ATTENTION in warnings[0]
     assert learner._shares is False
-    want = _step(tokenizer, False, attn="rlvr_test_no_padding_mask")
+    want = _step(tokenizer, False, attn=MASK_BLIND_ATTENTION)
     torch.testing.assert_close(grads, want[1], rtol=0, atol=0)  # the very padded pass
     assert tokens > want[3]  # the probe's tokens on top
 
