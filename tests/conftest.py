@@ -114,6 +114,14 @@ def tiny_config(assets: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**(values | overrides))
 
 
+def tiny_model(tokenizer, seed: int = 0, attn: str | None = None) -> torch.nn.Module:
+    """The suite's tiny random Qwen2 (``TEST_SIZE``), with attention implementation ``attn`` if given."""
+    model = build_tiny_model(tokenizer, seed=seed, **TEST_SIZE.__dict__)
+    if attn is not None:
+        model.set_attn_implementation(attn)
+    return model
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for a launcher's rendezvous or a Ray head)."""
     with socket.socket() as s:

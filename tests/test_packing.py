@@ -19,6 +19,7 @@ import logging
 import pytest
 import torch
 from conftest import MASK_BLIND_ATTENTION, launch_two_ranks, ragged_episode, tiny_config
+from conftest import tiny_model as _model
 from safetensors.torch import load_file
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
@@ -27,7 +28,7 @@ from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
 from rlvr.trainer.algorithm.packing import PackedRows, even_out, packed_attention_error, plan_micro_batches
 from rlvr.trainer.bookkeeping.metrics import read_metrics
 from rlvr.trainer.config import ConfigError, TrainConfig
-from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.engines.models import build_tokenizer
 from rlvr.trainer.engines.torch_learner import TorchLearner
 
 TOL = dict(atol=1e-6, rtol=1e-5)
@@ -41,13 +42,6 @@ BUDGET = 48  # tokens: the batch below makes 4-5 groups, and its longest row (40
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def _model(tokenizer, seed: int = 0, attn: str | None = None) -> torch.nn.Module:
-    model = build_tiny_model(tokenizer, seed=seed, **TEST_SIZE.__dict__)
-    if attn is not None:
-        model.set_attn_implementation(attn)
-    return model
 
 
 def _batch(tokenizer, seed: int = 0) -> TrainBatch:

@@ -18,13 +18,14 @@ import logging
 import pytest
 import torch
 from conftest import MASK_BLIND_ATTENTION, launch_two_ranks, ragged_episode
+from conftest import tiny_model as _model
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs_and_entropy
 from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
 from rlvr.trainer.algorithm.shared_prefix import SharedPrefix, scored_targets, shared_prefix_error
 from rlvr.trainer.engines import torch_learner
-from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
+from rlvr.trainer.engines.models import build_tokenizer
 from rlvr.trainer.engines.torch_learner import TorchLearner
 
 TOL = dict(atol=1e-6, rtol=1e-5)
@@ -60,13 +61,6 @@ GROUP = [0, 0, 0, 0, 1, 1, 1, 1, 2, 3]
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def _model(tokenizer, seed: int = 0, attn: str | None = None) -> torch.nn.Module:
-    model = build_tiny_model(tokenizer, seed=seed, **TEST_SIZE.__dict__)
-    if attn is not None:
-        model.set_attn_implementation(attn)
-    return model
 
 
 def _batch(tokenizer, seed: int = 0, rows: slice = slice(None)) -> TrainBatch:
