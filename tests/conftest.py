@@ -18,6 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
 from rlvr.trainer.algorithm.rollout import Episode
 from rlvr.trainer.config import TrainConfig
 from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
@@ -120,6 +121,17 @@ def tiny_model(tokenizer, seed: int = 0, attn: str | None = None) -> torch.nn.Mo
     if attn is not None:
         model.set_attn_implementation(attn)
     return model
+
+
+def learner_objective(beta: float, entropy_coef: float, objective: str, aggregation: str = "token") -> Objective:
+    """Both losses of ``objective`` (on-policy and stale) as a learner takes them, for the path-equality tests."""
+
+    def loss(on_policy: bool):
+        return make_loss_fn(
+            objective=objective, beta=beta, entropy_coef=entropy_coef, aggregation=aggregation, on_policy=on_policy
+        )
+
+    return Objective(stale=loss(False), on_policy=loss(True), needs_entropy=entropy_coef > 0)
 
 
 def free_port() -> int:

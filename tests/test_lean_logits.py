@@ -14,11 +14,12 @@ import contextlib
 
 import pytest
 import torch
+from conftest import learner_objective as _objective
 from conftest import ragged_episode
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
-from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
+from rlvr.trainer.algorithm.losses import make_loss_fn
 from rlvr.trainer.engines import torch_learner
 from rlvr.trainer.engines.models import TEST_SIZE, build_tiny_model, build_tokenizer
 from rlvr.trainer.engines.torch_learner import TorchLearner
@@ -108,13 +109,6 @@ def test_positions_of_the_wrong_shape_are_refused(tokenizer):
     batch = _batch(tokenizer)
     with pytest.raises(ValueError, match="positions must be"):
         sequence_logprobs(_model(tokenizer), batch.input_ids, batch.attention_mask, positions=batch.attention_mask)
-
-
-def _objective(beta: float, entropy_coef: float, objective: str) -> Objective:
-    def loss(on_policy: bool):
-        return make_loss_fn(objective=objective, beta=beta, entropy_coef=entropy_coef, on_policy=on_policy)
-
-    return Objective(stale=loss(False), on_policy=loss(True), needs_entropy=entropy_coef > 0)
 
 
 def _step(tokenizer, lean: bool, *, beta: float, entropy_coef: float, num_iterations: int, objective: str):

@@ -19,12 +19,13 @@ import logging
 import pytest
 import torch
 from conftest import MASK_BLIND_ATTENTION, launch_two_ranks, ragged_episode, tiny_config
+from conftest import learner_objective as _objective
 from conftest import tiny_model as _model
 from safetensors.torch import load_file
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
-from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
+from rlvr.trainer.algorithm.losses import make_loss_fn
 from rlvr.trainer.algorithm.packing import PackedRows, even_out, packed_attention_error, plan_micro_batches
 from rlvr.trainer.bookkeeping.metrics import read_metrics
 from rlvr.trainer.config import ConfigError, TrainConfig
@@ -151,15 +152,6 @@ def test_the_body_sees_one_sequence_without_padding(tokenizer):
         sequence_logprobs(model, batch.input_ids, batch.attention_mask, packed=True)
     (kw,) = seen
     assert kw["attention_mask"] is None and kw["input_ids"].shape == (1, sum(_lengths(batch)))
-
-
-def _objective(beta: float, entropy_coef: float, objective: str, aggregation: str) -> Objective:
-    def loss(on_policy: bool):
-        return make_loss_fn(
-            objective=objective, beta=beta, entropy_coef=entropy_coef, aggregation=aggregation, on_policy=on_policy
-        )
-
-    return Objective(stale=loss(False), on_policy=loss(True), needs_entropy=entropy_coef > 0)
 
 
 def _step(tokenizer, micro_batch_tokens: int, *, attn: str | None = None, steps: int = 1, **kw):

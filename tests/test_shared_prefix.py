@@ -18,11 +18,12 @@ import logging
 import pytest
 import torch
 from conftest import MASK_BLIND_ATTENTION, launch_two_ranks, ragged_episode
+from conftest import learner_objective as _objective
 from conftest import tiny_model as _model
 
 from rlvr.trainer.algorithm.batch import TrainBatch, pack_episodes
 from rlvr.trainer.algorithm.logprobs import sequence_logprobs_and_entropy
-from rlvr.trainer.algorithm.losses import Objective, make_loss_fn
+from rlvr.trainer.algorithm.losses import make_loss_fn
 from rlvr.trainer.algorithm.shared_prefix import SharedPrefix, scored_targets, shared_prefix_error
 from rlvr.trainer.engines import torch_learner
 from rlvr.trainer.engines.models import build_tokenizer
@@ -165,13 +166,6 @@ def test_a_plan_for_other_targets_is_refused(tokenizer):
         sequence_logprobs_and_entropy(
             _model(tokenizer), batch.input_ids, batch.attention_mask, positions=None, prefix=_plan(batch)
         )
-
-
-def _objective(beta: float, entropy_coef: float, objective: str) -> Objective:
-    def loss(on_policy: bool):
-        return make_loss_fn(objective=objective, beta=beta, entropy_coef=entropy_coef, on_policy=on_policy)
-
-    return Objective(stale=loss(False), on_policy=loss(True), needs_entropy=entropy_coef > 0)
 
 
 def _step(tokenizer, share: bool, *, micro_batch_size: int = 5, steps: int = 2, attn=None, **kw):
